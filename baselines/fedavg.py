@@ -19,11 +19,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fedbench.data import ClientData
-from fedbench.method import ClientResult, Method, Payload, RunContext
-from fedbench.models import build_task_model
-from fedbench.registry import register_method
-from fedbench.train import batched_logits, load_state, run_local_epochs, state_of, weighted_average
+from fedbench.core.registry import register_method
+from fedbench.data.dataset import ClientData
+from fedbench.federation.method import ClientResult, Method, Payload, RunContext
+from fedbench.federation.train import batched_logits, load_state, run_local_epochs, state_of, weighted_average
+from fedbench.models.task_models import build_task_model
 
 Trainable = Literal["simple-cnn", "head", "lora", "full"]
 

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedbench.clip_models import clip_logit_scale
-from fedbench.data import ClientData, Split
+from fedbench.core.registry import register_method
+from fedbench.data.dataset import ClientData, Split
 from fedbench.errors import SpecError
-from fedbench.method import ClientResult, Method, Payload, RunContext
-from fedbench.registry import register_method
-from fedbench.train import batched_logits, load_state, state_of, weighted_average
+from fedbench.federation.method import ClientResult, Method, Payload, RunContext
+from fedbench.federation.train import batched_logits, load_state, state_of, weighted_average
+from fedbench.models.clip import clip_logit_scale
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
-from fedbench.method import Payload
-from fedbench.registry import register_method
+from fedbench.core.registry import register_method
+from fedbench.federation.method import Payload
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
-from fedbench.data import ClientData
-from fedbench.method import ClientResult, Payload
-from fedbench.registry import register_method
-from fedbench.train import state_of
+from fedbench.core.registry import register_method
+from fedbench.data.dataset import ClientData
+from fedbench.federation.method import ClientResult, Payload
+from fedbench.federation.train import state_of
 
 
 @register_method(

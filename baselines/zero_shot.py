@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedbench.data import ClientData
+from fedbench.core.registry import register_method
+from fedbench.data.dataset import ClientData
 from fedbench.errors import SpecError
-from fedbench.method import ClientResult, Method, Payload, RunContext
-from fedbench.registry import register_method
-from fedbench.train import batched_logits
+from fedbench.federation.method import ClientResult, Method, Payload, RunContext
+from fedbench.federation.train import batched_logits
 
 LOGIT_SCALE = 100.0  # CLIP's learned temperature, clipped at 100 in training
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from tabulate import tabulate
 
-from fedbench.backbones import Backbone, create_backbone
-from fedbench.cache import FeatureCache
+from fedbench.models.backbones import Backbone, create_backbone
+from fedbench.models.cache import FeatureCache
 
 DEFAULT_BACKBONES = ("offline-pair", "openclip:ViT-B-32")
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from fedbench.run import execute, resolve_spec
+from fedbench.harness.run import execute, resolve_spec
 
 # Modules whose registrations the table needs (harmless once the package imports them itself).
 _MODULES = ("fedbench.baselines.fedclip", "fedbench.baselines.zero_shot", "fedbench.tasks.domains")

@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 from bench_encode import measure_cache, random_images
 
-from fedbench.backbones import create_backbone
+from fedbench.models.backbones import create_backbone
 
 
 @pytest.fixture(scope="module")

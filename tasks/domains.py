@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fedbench import partition
-from fedbench.data import ClientIndices, FederatedDataset, Task, TaskCard
+from fedbench.core.registry import register_task
+from fedbench.data import partition
+from fedbench.data.dataset import ClientIndices, FederatedDataset, Task, TaskCard
 from fedbench.errors import DataError, SpecError
-from fedbench.registry import register_task
 from fedbench.tasks.dirichlet import MNIST_CLASSES, MNIST_PROMPT, RawImages, load_mnist
 
 # Random streams (the second entry of every generator's seed list).

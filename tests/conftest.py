@@ -21,7 +21,7 @@ torch.set_num_threads(int(os.environ.get("FEDBENCH_TEST_THREADS", "1")))
 
 @pytest.fixture(scope="session")
 def blobs_task() -> str:
-    from fedbench.registry import include
+    from fedbench.core.registry import include
 
     include(PLUGIN_DIR / "blobs_task.py")
     return "blobs"

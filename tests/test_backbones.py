@@ -13,16 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedbench import backbones
-from fedbench.backbones import ImagePreprocess, create_backbone, offline_pair_backbone, tiny_clip_backbone
+from fedbench.core.registry import BACKBONES
 from fedbench.errors import BackboneUnavailableError, SpecError, UnknownNameError
-from fedbench.registry import BACKBONES
+from fedbench.models import backbones
+from fedbench.models.backbones import ImagePreprocess, create_backbone, offline_pair_backbone, tiny_clip_backbone
 
 
 @pytest.fixture
 def registry_of_backbones_only(monkeypatch):
     """Resolve names without importing the other built-in modules (methods, tasks, metrics):
-    these tests are about backbones, which importing fedbench.backbones has registered."""
+    these tests are about backbones, which importing fedbench.models.backbones has registered."""
     monkeypatch.setattr(BACKBONES, "_entry_points_loaded", True)
 
 
@@ -63,7 +63,7 @@ def test_tiny_clip_fingerprint_is_deterministic_and_leaves_the_global_rng_alone(
 
 @pytest.mark.slow
 def test_tiny_clip_fingerprint_is_stable_across_processes(tiny):
-    code = "from fedbench.backbones import tiny_clip_backbone; print(tiny_clip_backbone(None).fingerprint)"
+    code = "from fedbench.models.backbones import tiny_clip_backbone; print(tiny_clip_backbone(None).fingerprint)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == tiny.fingerprint
 
@@ -158,7 +158,7 @@ def test_openclip_local_checkpoint_loads(tmp_path):
 @pytest.mark.slow
 def test_openclip_hub_tag_offline_is_unavailable_with_the_hub_id():
     code = (
-        "from fedbench.backbones import openclip_backbone\n"
+        "from fedbench.models.backbones import openclip_backbone\n"
         "try:\n    openclip_backbone('ViT-B-32/openai')\n"
         "except Exception as e:\n    print(type(e).__name__, e)\n"
     )

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import Tensor
 
-import fedbench.cache as cache_mod
-from fedbench.cache import CacheWarning, FeatureCache, default_cache_root
+import fedbench.models.cache as cache_mod
 from fedbench.errors import CacheError, DataError
+from fedbench.models.cache import CacheWarning, FeatureCache, default_cache_root
 
 
 class FakeBackbone:
@@ -226,7 +226,7 @@ def test_default_root_follows_env(monkeypatch, tmp_path):
 
 
 def test_with_a_real_backbone(cache):
-    from fedbench.backbones import tiny_clip_backbone
+    from fedbench.models.backbones import tiny_clip_backbone
 
     bb = tiny_clip_backbone(None)
     x = images(9)
@@ -237,7 +237,7 @@ def test_with_a_real_backbone(cache):
 
 
 def test_cache_cli(cache, capsys):
-    from fedbench.cache_cli import add_cache_parser
+    from fedbench.cli.cache import add_cache_parser
 
     bb = FakeBackbone()
     cache.features(bb, images(4), progress=False)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import fedbench.check as fc
-import fedbench.run as fb_run
-from fedbench.check import Case, Tolerance, compare_records, run_check
-from fedbench.cli import main
+import fedbench.board.check as fc
+import fedbench.harness.run as fb_run
+from fedbench.board.check import Case, Tolerance, compare_records, run_check
+from fedbench.board.validate import validate_paths
+from fedbench.cli.main import main
 from fedbench.errors import UnknownNameError
-from fedbench.validate import validate_paths
 
 FAST = ("local_epochs=1", "samples=200")
 

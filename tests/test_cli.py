@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from fedbench.cli import main
+from fedbench.cli.main import main
 
 FAST = ["--rounds", "1", "--set", "local_epochs=1"]
 
@@ -72,7 +72,7 @@ def test_unwritable_results_dir_fails_before_running(blobs_task, tmp_path, capsy
 
 
 def test_a_crashed_run_leaves_no_record(blobs_task, tmp_path, monkeypatch):
-    import fedbench.run as run_module
+    import fedbench.harness.run as run_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("crash mid-run")
@@ -84,7 +84,7 @@ def test_a_crashed_run_leaves_no_record(blobs_task, tmp_path, monkeypatch):
 
 
 def test_record_write_is_atomic(tmp_path, monkeypatch):
-    from fedbench import results
+    from fedbench.core import results
 
     def failing_replace(src, dst):
         raise OSError("disk full")

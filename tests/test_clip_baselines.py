@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from safetensors.torch import save as st_save
 from torch import nn
 
-from fedbench.clip_models import (
+from fedbench.data.dataset import Split
+from fedbench.federation.method import RunContext
+from fedbench.federation.train import run_local_epochs, state_of
+from fedbench.harness.run import execute, resolve_spec
+from fedbench.models.clip import (
     CLIP_LOGIT_SCALE,
     ClipImageClassifier,
     ZeroShotHead,
@@ -19,17 +23,13 @@ from fedbench.clip_models import (
     lora_targets,
     untrained_lora_tensors,
 )
-from fedbench.data import Split
-from fedbench.method import RunContext
-from fedbench.run import execute, resolve_spec
-from fedbench.train import run_local_epochs, state_of
 
 CLASSES = ["cat", "dog", "car"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from fedbench.backbones import create_backbone
+    from fedbench.models.backbones import create_backbone
 
     backbone = create_backbone("tiny-clip")
     text = backbone.encode_text([f"a photo of a {c}." for c in CLASSES])
@@ -200,7 +200,7 @@ def test_fedavg_on_clip_runs_and_sends_only_the_trainable_part(blobs_task, train
 def test_lora_on_the_offline_pair_reaches_every_pointwise_layer():
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
-    from fedbench.backbones import create_backbone
+    from fedbench.models.backbones import create_backbone
 
     backbone = create_backbone("offline-pair")
     text = backbone.encode_text([f"a photo of a {c}." for c in CLASSES])

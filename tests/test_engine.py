@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import save as st_save
 
 from fedbench.baselines.fedavg import FedAvg
-from fedbench.channel import Channel
-from fedbench.engine import sample_clients
+from fedbench.core.registry import METHODS, register_method
 from fedbench.errors import FedbenchError
-from fedbench.registry import METHODS, register_method
-from fedbench.run import execute, resolve_spec
-from fedbench.train import weighted_average
+from fedbench.federation.channel import Channel
+from fedbench.federation.engine import sample_clients
+from fedbench.federation.train import weighted_average
+from fedbench.harness.run import execute, resolve_spec
 
 FAST = ["local_epochs=1", "batch_size=32"]
 
@@ -35,8 +35,8 @@ def test_bytes_are_the_serialised_payloads(blobs_task):
     record = _run(blobs_task, rounds=2)
     spec = resolve_spec("fedavg", blobs_task, sets=FAST)
     # Rebuild the exact payloads a client sends: the model's trainable tensors + its sample count.
-    from fedbench.method import RunContext
-    from fedbench.train import state_of
+    from fedbench.federation.method import RunContext
+    from fedbench.federation.train import state_of
 
     ctx = RunContext(num_classes=4, class_names=list("abcd"), prompts=[], num_clients=4, input_kind="pixels",
                      input_shape=(1, 16, 16))
@@ -79,7 +79,7 @@ def test_client_update_sees_only_its_own_data(blobs_task):
             return super().client_update(down, data, client_state, rng)
 
     spec = resolve_spec("spy-fedavg", blobs_task, rounds=1, sets=FAST)
-    from fedbench.registry import TASKS
+    from fedbench.core.registry import TASKS
 
     ds = TASKS.get(blobs_task).obj().load(TASKS.get(blobs_task).obj.Options(**spec.task_options), spec.seed)
     execute(spec, None)

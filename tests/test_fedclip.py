@@ -12,12 +12,12 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from fedbench.baselines.fedclip import AttentionAdapter, FedCLIP, FedCLIPHparams, clip_contrastive_loss
-from fedbench.clip_models import CLIP_LOGIT_SCALE
-from fedbench.data import ClientData, ClientIndices, FederatedDataset, Split
-from fedbench.engine import run_federation
-from fedbench.method import RunContext
-from fedbench.registry import METHODS
-from fedbench.run import execute, resolve_spec
+from fedbench.core.registry import METHODS
+from fedbench.data.dataset import ClientData, ClientIndices, FederatedDataset, Split
+from fedbench.federation.engine import run_federation
+from fedbench.federation.method import RunContext
+from fedbench.harness.run import execute, resolve_spec
+from fedbench.models.clip import CLIP_LOGIT_SCALE
 
 
 def make_ctx(text: torch.Tensor, backbone=None) -> RunContext:
@@ -264,7 +264,7 @@ def test_same_spec_and_seed_give_identical_metrics(tiny_record):
 def domain_task() -> str:
     from pathlib import Path
 
-    from fedbench.registry import include
+    from fedbench.core.registry import include
 
     include(Path(__file__).parent / "plugins" / "domain_blobs_task.py")
     return "domain-blobs"
@@ -281,7 +281,7 @@ def fake_record(method: str, domain: str, last: float, best: float, best_round: 
 
 
 def test_heldout_all_expands_into_one_spec_per_domain(domain_task):
-    from fedbench.protocols import expand_heldout_all, requests_heldout_all
+    from fedbench.harness.protocols import expand_heldout_all, requests_heldout_all
 
     sets = ["heldout=all", "lr=0.001", "per_domain=30"]
     assert requests_heldout_all(sets) and not requests_heldout_all(["heldout=dim"])
@@ -295,8 +295,8 @@ def test_heldout_all_expands_into_one_spec_per_domain(domain_task):
 
 
 def test_heldout_table_has_last_best_val_mean_and_published_only_on_the_papers_backbone(domain_task):
-    from fedbench.protocols import format_heldout_table, summarize_heldout
-    from fedbench.registry import TASKS
+    from fedbench.core.registry import TASKS
+    from fedbench.harness.protocols import format_heldout_table, summarize_heldout
 
     card = TASKS.get(domain_task).obj.card
     records = [fake_record("fedclip", "dim", 0.5, 0.6, 3), fake_record("fedclip", "mid", 0.7, 0.8, 7),
@@ -320,8 +320,8 @@ def test_heldout_table_has_last_best_val_mean_and_published_only_on_the_papers_b
 
 @pytest.mark.slow
 def test_heldout_all_runs_end_to_end(domain_task):
-    from fedbench.protocols import expand_heldout_all, summarize_heldout
-    from fedbench.registry import TASKS
+    from fedbench.core.registry import TASKS
+    from fedbench.harness.protocols import expand_heldout_all, summarize_heldout
 
     specs = expand_heldout_all("fedclip", domain_task, backbone="tiny-clip", rounds=2, sets=["heldout=all"])
     rows = summarize_heldout([execute(s, None) for s in specs], TASKS.get(domain_task).obj.card, "tiny-clip")
@@ -330,7 +330,7 @@ def test_heldout_all_runs_end_to_end(domain_task):
 
 
 def test_digit_tasks_default_to_the_ridge_offline_pair():
-    from fedbench.run import resolve_spec
+    from fedbench.harness.run import resolve_spec
 
     assert resolve_spec("fedclip", "rotated-mnist").backbone == "offline-pair:ridge"
     assert resolve_spec("zero-shot", "mnist-dirichlet").backbone == "offline-pair:ridge"
@@ -341,7 +341,7 @@ def test_digit_tasks_default_to_the_ridge_offline_pair():
 @pytest.mark.slow
 def test_fedclip_beats_zero_shot_on_the_heldout_rotation(tmp_path):
     """Issue 4's offline showcase: the paper's defaults, the default backbone, 50 rounds."""
-    from fedbench.run import execute, resolve_spec
+    from fedbench.harness.run import execute, resolve_spec
 
     sets = ["samples_per_domain=100"]
     zero = execute(resolve_spec("zero-shot", "rotated-mnist", sets=sets), None, cache_dir=tmp_path)

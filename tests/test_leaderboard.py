@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedbench.leaderboard import build_board, load_records, summarize, t975, write_leaderboard
-from fedbench.leaderboard_html import pareto_front, render_html
-from fedbench.sweep import sweep
+from fedbench.board.html import pareto_front, render_html
+from fedbench.board.leaderboard import build_board, load_records, summarize, t975, write_leaderboard
+from fedbench.harness.sweep import sweep
 
 FAST = ["local_epochs=1", "samples=200"]
 
@@ -275,7 +275,7 @@ def test_html_page_in_headless_chromium(results, tmp_path):
 
 
 def test_compare_two_records_and_two_methods(results, capsys):
-    from fedbench.cli import main
+    from fedbench.cli.main import main
 
     fedavg = sorted((results / "blobs" / "fedavg").glob("*.json"))[0]
     local = sorted((results / "blobs" / "local").glob("*.json"))[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedbench import partition as P
+from fedbench.data import partition as P
 from fedbench.errors import DataError, SpecError
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from fedbench.core.registry import METHODS, TASKS, Registry, include
 from fedbench.errors import PluginError, UnknownNameError
-from fedbench.registry import METHODS, TASKS, Registry, include
 
 
 def test_unknown_name_lists_known_names_and_closest_match():
@@ -32,7 +32,7 @@ def test_include_registers_a_local_plugin(tmp_path):
     plugin = tmp_path / "my_method.py"
     plugin.write_text(
         "from fedbench.baselines.fedavg import FedAvg\n"
-        "from fedbench.registry import register_method\n"
+        "from fedbench.core.registry import register_method\n"
         "@register_method('my-fedavg', description='a plugin copy of FedAvg', fidelity='adaptation')\n"
         "class MyFedAvg(FedAvg):\n    pass\n"
     )
@@ -57,5 +57,5 @@ def test_entry_points_are_loaded(monkeypatch):
             return type("EpMethod", (), {"__doc__": "from an entry point"})
 
     reg: Registry[object] = Registry("method", "fedbench.methods")
-    monkeypatch.setattr("fedbench.registry.entry_points", lambda group: [FakeEntryPoint()])
+    monkeypatch.setattr("fedbench.core.registry.entry_points", lambda group: [FakeEntryPoint()])
     assert reg.get("ep-method").description == "from an entry point"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from fedbench.core.spec import RunSpec
 from fedbench.errors import SpecError
-from fedbench.run import resolve_spec
-from fedbench.spec import RunSpec
+from fedbench.harness.run import resolve_spec
 
 
 def test_canonical_json_is_sorted_and_hash_is_stable(blobs_task):

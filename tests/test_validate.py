@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedbench.cli import main
-from fedbench.validate import check_record, validate_file, validate_paths
+from fedbench.board.validate import check_record, validate_file, validate_paths
+from fedbench.cli.main import main
 
 FAST = ["local_epochs=1", "samples=200"]
 
@@ -17,7 +17,7 @@ FAST = ["local_epochs=1", "samples=200"]
 @pytest.fixture(scope="module")
 def pristine(blobs_task, tmp_path_factory) -> Path:
     """One fedavg and one local record on blobs, written by the real engine."""
-    from fedbench.run import execute, resolve_spec
+    from fedbench.harness.run import execute, resolve_spec
 
     root = tmp_path_factory.mktemp("validate-results")
     for method in ("fedavg", "local"):

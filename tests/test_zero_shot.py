@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from fedbench.baselines.zero_shot import LOGIT_SCALE, ZeroShot, ZeroShotHparams, parse_templates
-from fedbench.data import ClientIndices, FederatedDataset
-from fedbench.engine import run_federation
+from fedbench.core.spec import options_from
+from fedbench.data.dataset import ClientIndices, FederatedDataset
 from fedbench.errors import SpecError
-from fedbench.method import RunContext
-from fedbench.spec import options_from
+from fedbench.federation.engine import run_federation
+from fedbench.federation.method import RunContext
 
 
 def make_ctx(text_features: torch.Tensor | None, class_names: list[str], backbone=None) -> RunContext:
@@ -104,7 +104,7 @@ def test_engine_runs_no_round_and_sends_nothing():
 
 
 def test_registered_as_reference():
-    from fedbench.registry import METHODS
+    from fedbench.core.registry import METHODS
 
     entry = METHODS._entries["zero-shot"]  # registered at import, without loading every built-in
     assert entry.fidelity == "reference" and "2103.00020" in entry.source

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedbench.data import ClientIndices, FederatedDataset, Task, TaskCard
+from fedbench.core.registry import register_task
+from fedbench.data.dataset import ClientIndices, FederatedDataset, Task, TaskCard
+from fedbench.data.partition import split_fractions
 from fedbench.errors import SpecError
-from fedbench.partition import split_fractions
-from fedbench.registry import register_task
 
 DOMAINS = ["dim", "mid", "bright"]
 

@@ -2,7 +2,7 @@
 
 The FedCLIP protocol (and DomainBed's) holds one domain out per run and reports a table with one
 column per held-out domain plus their mean. :func:`expand_heldout_all` turns one request into one
-:class:`~fedbench.spec.RunSpec` per domain (each an ordinary run with its own record);
+:class:`~fedbench.core.spec.RunSpec` per domain (each an ordinary run with its own record);
 :func:`summarize_heldout` reads the records back into that table, with the paper's numbers beside
 the measured ones when the backbone is the paper's.
 """
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from fedbench.data import TaskCard
+from fedbench.core.registry import TASKS
+from fedbench.core.spec import RunSpec, parse_sets
+from fedbench.data.dataset import TaskCard
 from fedbench.errors import SpecError
-from fedbench.registry import TASKS
-from fedbench.run import resolve_spec
-from fedbench.spec import RunSpec, parse_sets
+from fedbench.harness.run import resolve_spec
 
 # The backbone of the FedCLIP paper's tables (CLIP ViT-B/32, OpenAI weights). Published numbers
 # are shown beside measured ones only for it: on any other backbone they compare different models.
@@ -65,7 +65,7 @@ def task_domains(task: str, options: Any, seed: int = 0) -> list[str]:
 def expand_heldout_all(method: str, task: str, **resolve_kwargs: Any) -> list[RunSpec]:
     """One resolved spec per domain of ``task``, each holding that domain out.
 
-    ``resolve_kwargs`` are :func:`fedbench.run.resolve_spec`'s (backbone, seed, rounds, sets, ...);
+    ``resolve_kwargs`` are :func:`fedbench.harness.run.resolve_spec`'s (backbone, seed, rounds, sets, ...);
     the ``heldout`` entry of ``sets`` (``all``) is replaced by each domain in turn, every other
     option is kept and checked once before any spec is made.
     """

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedbench.channel import Channel
-from fedbench.data import FederatedDataset
+from fedbench.data.dataset import FederatedDataset
 from fedbench.errors import SpecError
-from fedbench.method import Method, Payload
+from fedbench.federation.channel import Channel
+from fedbench.federation.method import Method, Payload
 
 
 def derive_seed(*parts: Any) -> int:

@@ -1,7 +1,7 @@
 """What a task hands the engine: one pool of examples and, per client, index lists into it.
 
 Keeping one pool (instead of a copy per client) means a frozen backbone encodes every image
-exactly once (see ``fedbench.cache``), and the data fingerprint is one hash.
+exactly once (see ``fedbench.models.cache``), and the data fingerprint is one hash.
 """
 
 from __future__ import annotations

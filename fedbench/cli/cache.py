@@ -8,7 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from fedbench.cache import FeatureCache
+from fedbench.models.cache import FeatureCache
 
 
 def add_cache_parser(subparsers: Any, common: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def add_cache_parser(subparsers: Any, common: argparse.ArgumentParser | None = N
 
 
 def add_parsers(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """The hook ``fedbench.cli`` calls for optional command modules."""
+    """The hook ``fedbench.cli.main`` calls for optional command modules."""
     add_cache_parser(subparsers, common)
 
 

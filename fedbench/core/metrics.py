@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedbench.registry import register_metric
+from fedbench.core.registry import register_metric
 
 
 @dataclass(frozen=True)

@@ -65,13 +65,13 @@ def build_task_model(trainable: str, ctx, lora_rank: int = 4) -> tuple[nn.Module
     """(model, input pipeline) for a ``trainable`` choice of FedAvg-style methods.
 
     ``simple-cnn`` trains NIID-Bench's CNN from pixels; CLIP-based choices are added in
-    ``fedbench.clip_models``.
+    ``fedbench.models.clip``.
     """
     if trainable == "simple-cnn":
         c, h, w = ctx.input_shape
         if h != w:
             raise ValueError(f"simple-cnn expects square images, got {h}x{w}")
         return SimpleCNN(c, h, ctx.num_classes), PixelInput(ctx.pixel_mean, ctx.pixel_std)
-    from fedbench.clip_models import build_clip_model
+    from fedbench.models.clip import build_clip_model
 
     return build_clip_model(trainable, ctx, rank=lora_rank)

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fedbench.run as fb_run
+import fedbench.harness.run as fb_run
+from fedbench.core.results import load_record, record_path, write_record
+from fedbench.core.spec import RunSpec
 from fedbench.errors import FedbenchError, UnknownNameError
-from fedbench.results import load_record, record_path, write_record
-from fedbench.spec import RunSpec
 
 
 @dataclass(frozen=True)

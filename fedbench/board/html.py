@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedbench.leaderboard import Board, Row, Table, fmt_bytes, fmt_ci, fmt_count, fmt_pm, fmt_secs, intro_line
+from fedbench.board.leaderboard import Board, Row, Table, fmt_bytes, fmt_ci, fmt_count, fmt_pm, fmt_secs, intro_line
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac")

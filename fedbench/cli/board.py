@@ -1,6 +1,6 @@
 """CLI subcommands for sweeps, the leaderboard, regression checks, validation and comparison.
 
-``fedbench.cli`` calls :func:`add_parsers` when this module is present. Each command returns
+``fedbench.cli.main`` calls :func:`add_parsers` when this module is present. Each command returns
 an exit code; user errors are raised as :class:`fedbench.errors.FedbenchError` (exit 2).
 """
 
@@ -19,7 +19,7 @@ def _sample(text: str) -> float | int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedbench.sweep import sweep
+    from fedbench.harness.sweep import sweep
 
     report = sweep(
         args.methods, args.tasks, args.seeds, args.set or [], args.rounds, args.backbone, args.results_dir,
@@ -31,7 +31,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from fedbench.leaderboard import write_leaderboard
+    from fedbench.board.leaderboard import write_leaderboard
 
     board, written = write_leaderboard(args.results_dir, args.out, include_ci=args.include_ci)
     rows = sum(len(t.rows) for t in board.tables)
@@ -43,7 +43,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from fedbench.check import Tolerance, check
+    from fedbench.board.check import Tolerance, check
 
     if args.tol < 0 or args.loss_tol < 0:
         raise FedbenchError("--tol and --loss-tol must be >= 0")
@@ -52,13 +52,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fedbench.validate import print_validations, validate_paths
+    from fedbench.board.validate import print_validations, validate_paths
 
     return print_validations(validate_paths(args.records))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedbench.compare import compare_methods, compare_paths
+    from fedbench.board.compare import compare_methods, compare_paths
 
     a, b = args.items
     if args.task:

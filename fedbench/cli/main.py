@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fedbench.core.registry import BACKBONES, METHODS, METRICS, TASKS, include
 from fedbench.errors import FedbenchError, SpecError
-from fedbench.registry import BACKBONES, METHODS, METRICS, TASKS, include
 
 
 def _sample(text: str) -> float | int:
@@ -103,13 +103,13 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedbench.protocols import (
+    from fedbench.harness.protocols import (
         expand_heldout_all,
         format_heldout_table,
         requests_heldout_all,
         summarize_heldout,
     )
-    from fedbench.run import execute, resolve_spec
+    from fedbench.harness.run import execute, resolve_spec
 
     _set_threads(args.threads)
     if requests_heldout_all(args.set or []):  # leave-one-domain-out over every domain in turn
@@ -155,7 +155,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from fedbench.results import load_record
+    from fedbench.core.results import load_record
 
     record = load_record(args.record)
     record["path"] = args.record
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
 
-    for module in ("fedbench.cache_cli", "fedbench.board_cli"):
+    for module in ("fedbench.cli.cache", "fedbench.cli.board"):
         try:
             mod = __import__(module, fromlist=["add_parsers"])
         except ModuleNotFoundError as exc:

@@ -1,6 +1,6 @@
 """Run a grid of specs (methods x tasks x seeds), resumably: ``fedbench sweep``.
 
-The whole grid is resolved with :func:`fedbench.run.resolve_spec` before anything runs, so a
+The whole grid is resolved with :func:`fedbench.harness.run.resolve_spec` before anything runs, so a
 bad option fails in the first second, not after an hour. A spec whose record already exists
 at ``record_path`` (same ``spec_hash``) is skipped. Records are written atomically, so an
 interrupted sweep leaves only whole records: running the same command again redoes the
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import fedbench.run as fb_run
+import fedbench.harness.run as fb_run
+from fedbench.core.results import check_writable, record_path, write_record
+from fedbench.core.spec import RunSpec, parse_sets
 from fedbench.errors import FedbenchError, ResultsError, SpecError
-from fedbench.results import check_writable, record_path, write_record
-from fedbench.spec import RunSpec, parse_sets
 
 Executor = Literal["local", "ray"]
 
@@ -106,7 +106,7 @@ def is_recorded(spec: RunSpec, results_dir: str | Path) -> bool:
     path = record_path(results_dir, spec)
     if not path.is_file():
         return False
-    from fedbench.results import load_record
+    from fedbench.core.results import load_record
 
     try:
         return load_record(path).get("spec_hash") == spec.spec_hash
@@ -146,7 +146,7 @@ def _ray_worker(spec_dict: dict[str, Any], includes: list[str], cache_dir: str |
     """Runs inside a Ray worker: load plugins, run the spec, return its record (not written here)."""
     import torch
 
-    from fedbench.registry import include
+    from fedbench.core.registry import include
 
     for path in includes:
         include(path)

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedbench.board.leaderboard import Row, Summary, Table, build_board, fmt_bytes, load_records
+from fedbench.board.validate import validate_file
 from fedbench.errors import FedbenchError, ResultsError
-from fedbench.leaderboard import Row, Summary, Table, build_board, fmt_bytes, load_records
-from fedbench.validate import validate_file
 
 RECORD_METRICS: list[tuple[str, tuple[str, ...], str]] = [
     # (label, path into the record, kind: pct | bytes | count | seconds | loss)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedbench.data import pixels_fingerprint
+from fedbench.data.dataset import pixels_fingerprint
 from fedbench.errors import CacheError, DataError
 
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ class CacheWarning(UserWarning):
 
 
 class EncodesImages(Protocol):
-    """What the cache needs from a backbone (see ``fedbench.backbones.Backbone``)."""
+    """What the cache needs from a backbone (see ``fedbench.models.backbones.Backbone``)."""
 
     name: str
     embed_dim: int

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedbench.core.registry import BACKBONES, register_backbone
 from fedbench.errors import BackboneUnavailableError, SpecError, UnknownNameError
-from fedbench.registry import BACKBONES, register_backbone
 
 DEFAULT_OFFLINE_BACKBONE = "offline-pair"
 DEFAULT_REAL_BACKBONE = "openclip:ViT-B-32/openai"
@@ -566,7 +566,7 @@ class OfflinePairBackbone(Backbone):
     def _load_or_fit(
         self, recipe: dict[str, Any], classes: list[str], classifier: nn.Linear, cache_dir: str | Path | None
     ) -> dict[str, Tensor]:
-        from fedbench.cache import default_cache_root
+        from fedbench.models.cache import default_cache_root
 
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
         path = root / "projections" / f"offline-pair-{self.fingerprint}.safetensors"

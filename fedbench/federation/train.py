@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedbench.data import Split
-from fedbench.models import augment_crop_flip
+from fedbench.data.dataset import Split
+from fedbench.models.task_models import augment_crop_flip
 
 ExtraLoss = Callable[[nn.Module], Tensor]
 

@@ -16,8 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from fedbench.core.spec import RunSpec
 from fedbench.errors import ResultsError
-from fedbench.spec import RunSpec
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "spec", "spec_hash", "metrics", "comm", "provenance")

@@ -5,12 +5,12 @@ A method is a class with a hyper-parameter dataclass and five functions:
 - ``init()``                          -> the server state (a dict of tensors)
 - ``broadcast(state, client_id)``     -> what the server sends one client
 - ``client_update(down, data, client_state, rng)`` -> :class:`ClientResult` (runs on one
-  client: sees the message it was sent, its own :class:`~fedbench.data.ClientData` and its own
+  client: sees the message it was sent, its own :class:`~fedbench.data.dataset.ClientData` and its own
   private state from earlier rounds, nothing else)
 - ``server_update(state, uploads)``   -> the new server state (sees only the messages)
 - ``predict(state, x, client_state)`` -> logits, used by the evaluator
 
-Every ``down`` and ``upload`` crosses :class:`fedbench.channel.Channel`, which serialises it and
+Every ``down`` and ``upload`` crosses :class:`fedbench.federation.channel.Channel`, which serialises it and
 counts its bytes, so anything a method wants to send must be a tensor in the payload.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from fedbench.data import ClientData
+from fedbench.data.dataset import ClientData
 
 Payload = dict[str, Tensor]
 InputKind = Literal["pixels", "features"]
@@ -38,7 +38,7 @@ class RunContext:
     num_clients: int
     input_kind: InputKind
     input_shape: tuple[int, ...]  # per example: (C, H, W) pixels or (D,) features
-    backbone: Any | None = None  # fedbench.backbones backbone when the method uses one
+    backbone: Any | None = None  # fedbench.models.backbones backbone when the method uses one
     text_features: Tensor | None = None  # [num_classes, D] frozen prompt embeddings
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from fedbench.engine import derive_seed, run_federation
+from fedbench.core.registry import BACKBONES, METHODS, TASKS
+from fedbench.core.results import check_writable, git_commit, machine, package_versions, write_record
+from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
 from fedbench.errors import SpecError
-from fedbench.method import RunContext
-from fedbench.registry import BACKBONES, METHODS, TASKS
-from fedbench.results import check_writable, git_commit, machine, package_versions, write_record
-from fedbench.spec import RunSpec, options_from, parse_sets, split_sets
+from fedbench.federation.engine import derive_seed, run_federation
+from fedbench.federation.method import RunContext
 
 DEFAULT_BACKBONE = "offline-pair"
 
@@ -102,8 +102,8 @@ def execute(
     backbone, text_features, inputs = None, None, dataset.images
     backbone_fingerprint = None
     if spec.backbone != "none":
-        from fedbench.backbones import create_backbone
-        from fedbench.cache import FeatureCache
+        from fedbench.models.backbones import create_backbone
+        from fedbench.models.cache import FeatureCache
 
         backbone = create_backbone(spec.backbone, cache_dir=cache_dir)
         backbone_fingerprint = backbone.fingerprint

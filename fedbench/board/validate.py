@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbench.core.results import REQUIRED_KEYS, SCHEMA_VERSION
+from fedbench.core.spec import RunSpec
 from fedbench.errors import SpecError
-from fedbench.results import REQUIRED_KEYS, SCHEMA_VERSION
-from fedbench.spec import RunSpec
 
 SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "task": (str,), "backbone": (str,), "seed": (int,), "rounds": (int,),

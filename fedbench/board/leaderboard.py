@@ -2,7 +2,7 @@
 
 Rules a reader can rely on:
 
-- Only valid records count (:func:`fedbench.validate.check_record`, location included); the
+- Only valid records count (:func:`fedbench.board.validate.check_record`, location included); the
   rest are listed, never silently used. ``results/ci/`` holds the regression suite's
   reference records (``fedbench check``), a separate suite on purpose-small data: it is left
   out unless ``include_ci`` (so the task name ``ci`` is reserved).
@@ -23,7 +23,7 @@ Rules a reader can rely on:
   *published*, only beside a table whose protocol they match (see :func:`published_rows`).
 
 Output is a pure function of the records: no timestamps, stable order, fixed float formats.
-This module reads, groups and writes Markdown and CSV; ``fedbench.leaderboard_html`` draws
+This module reads, groups and writes Markdown and CSV; ``fedbench.board.html`` draws
 the page.
 """
 
@@ -39,9 +39,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedbench.board.validate import Validation, record_files, validate_file
+from fedbench.core.results import atomic_write_text
 from fedbench.errors import ResultsError
-from fedbench.results import atomic_write_text
-from fedbench.validate import Validation, record_files, validate_file
 
 # ------------------------------------------------------------------------------------------
 # Statistics over seeds
@@ -180,7 +180,7 @@ class Board:
 
 def _option_defaults(kind: str, name: str) -> dict[str, Any] | None:
     """Defaults of a registered method's Hparams / task's Options; None when not registered here."""
-    from fedbench.registry import METHODS, TASKS
+    from fedbench.core.registry import METHODS, TASKS
 
     try:
         entry = (METHODS if kind == "method" else TASKS).get(name)
@@ -276,7 +276,7 @@ PROTOCOL_KEYS = ("backbone", "rounds", "sample", "task_options")
 
 def task_published(task: str) -> Mapping[str, Any]:
     """``TaskCard.published`` of a registered task ({} when the task is not registered here)."""
-    from fedbench.registry import TASKS
+    from fedbench.core.registry import TASKS
 
     try:
         return dict(TASKS.get(task).obj.card.published or {})
@@ -565,7 +565,7 @@ def write_leaderboard(results_dir: str | Path = "results", out: str | Path = "le
     root = Path(results_dir)
     invalid = [replace(v, path=v.path.relative_to(root)) if v.path.is_relative_to(root) else v for v in invalid]
     board = build_board(records, invalid)
-    from fedbench.leaderboard_html import render_html
+    from fedbench.board.html import render_html
 
     out = Path(out)
     written = []
