@@ -1,23 +1,27 @@
 """The run specification: a frozen record of exactly what ran, with every default resolved.
 
 ``spec_hash`` is the first 16 hex digits of the SHA-256 of the spec's canonical JSON
-(sorted keys, no spaces), so two runs with the same hash ran the same protocol.
+(sorted keys, no spaces), so two runs with the same hash ran the same protocol with the same
+method code: since spec version 2 the spec names the method's class and its ``version``, which a
+method bumps whenever its math (or a random stream it draws) changes. Specs of version 1 (recorded
+before the code identity existed) load with ``method_class=""`` and ``method_version=0`` and keep
+their original hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedbench.core.hashing import canonical_json, json_digest
 from fedbench.errors import SpecError
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+UNVERSIONED = 0  # method_version of a version-1 spec: the code that ran it is not recorded
 
 
 @dataclass(frozen=True)
@@ -32,20 +36,25 @@ class RunSpec:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     task_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int = 1
+    # The code that ran: the method's import path and the version its class declares.
+    method_class: str = ""
+    method_version: int = UNVERSIONED
     spec_version: int = SPEC_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["method_options"] = dict(sorted(self.method_options.items()))
         d["task_options"] = dict(sorted(self.task_options.items()))
+        if self.spec_version < 2:  # a version-1 spec had no code identity; its hash must not move
+            del d["method_class"], d["method_version"]
         return d
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+        return json_digest(self.to_dict(), 16)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunSpec:

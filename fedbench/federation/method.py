@@ -59,7 +59,9 @@ class Method:
     """Base class. Subclasses set ``Hparams`` and implement the five functions."""
 
     Hparams: ClassVar[type]
-    fidelity: ClassVar[str] = "reproduction"
+    # Bumped whenever the method's math or a random stream it draws changes: it is part of the spec,
+    # so records made by other versions are never averaged with this one or skipped by a sweep.
+    version: ClassVar[int] = 1
     # Methods with no single global model (local training) set this False: no global accuracy.
     has_global_model: ClassVar[bool] = True
     # Overrides the task's default number of rounds (the paper's own protocol), when set.

@@ -68,6 +68,7 @@ def resolve_spec(
     return RunSpec(
         method=method, task=task, backbone=backbone, seed=seed, rounds=rounds, sample=sample,
         method_options=dataclasses.asdict(hp), task_options=dataclasses.asdict(topts), eval_every=eval_every,
+        method_class=f"{method_cls.__module__}.{method_cls.__qualname__}", method_version=method_cls.version,
     )
 
 
