@@ -21,8 +21,24 @@ from torch import Tensor
 
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
-from fedbench.federation.method import ClientResult, Method, Payload, RunContext
-from fedbench.federation.train import batched_logits, load_state, run_local_epochs, state_of, weighted_average
+from fedbench.federation.method import (
+    ClientContext,
+    ClientResult,
+    Message,
+    Method,
+    Payload,
+    RunContext,
+    ServerContext,
+    ServerState,
+)
+from fedbench.federation.train import (
+    ExtraLoss,
+    batched_logits,
+    load_state,
+    run_local_epochs,
+    state_of,
+    weighted_average,
+)
 from fedbench.models.task_models import build_task_model
 
 Trainable = Literal["simple-cnn", "head", "lora", "full"]
@@ -53,6 +69,7 @@ class FedAvgHparams:
 )
 class FedAvg(Method):
     Hparams = FedAvgHparams
+    version = 1
 
     @classmethod
     def input_kind(cls, hp: FedAvgHparams) -> str:
@@ -65,17 +82,27 @@ class FedAvg(Method):
 
     def __init__(self, hp: FedAvgHparams, ctx: RunContext) -> None:
         super().__init__(hp, ctx)
-        # One model object serves every client in turn; its weights come from the payload.
-        self.model, self.inputs = build_task_model(hp.trainable, ctx, lora_rank=hp.lora_rank)
+        # One model object serves every client in turn; its weights come from the message.
+        model, inputs = build_task_model(hp.trainable, ctx, lora_rank=hp.lora_rank)
+        self.model, self.inputs = model.to(ctx.device), inputs.to(ctx.device)
 
-    def init(self) -> Payload:
-        return state_of(self.model)
+    # server: w_0 from the seeded initialiser
+    def init(self, server: ServerContext) -> ServerState:
+        return ServerState(broadcast=state_of(self.model))
 
-    def local_loss_term(self, global_state: Payload):
+    # client k: w_k <- w_t; E epochs of SGD on its own data; send w_k (n_k travels in the envelope)
+    def client_update(
+        self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext
+    ) -> ClientResult:
+        loss = self.train_from(message.payload, data, client.rng, extra_loss=self.local_loss_term(message.payload))
+        return ClientResult(upload=state_of(self.model), num_samples=len(data.train), train_loss=loss)
+
+    def local_loss_term(self, global_weights: Payload) -> ExtraLoss | None:
         """Extra client loss term (none for FedAvg; FedProx overrides)."""
         return None
 
-    def train_from(self, start: Payload, data: ClientData, rng: torch.Generator, extra_loss=None) -> float:
+    def train_from(self, start: Payload, data: ClientData, rng: torch.Generator,
+                   extra_loss: ExtraLoss | None = None) -> float:
         """E local epochs of SGD on the client's train split, starting from ``start``."""
         load_state(self.model, start)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -88,20 +115,13 @@ class FedAvg(Method):
             extra_loss=extra_loss,
         )
 
-    def client_update(
-        self, down: Payload, data: ClientData, client_state: Payload | None, rng: torch.Generator
-    ) -> ClientResult:
-        loss = self.train_from(down, data, rng, extra_loss=self.local_loss_term(down))
-        upload = state_of(self.model)
-        upload["num_samples"] = torch.tensor(len(data.train), dtype=torch.int64)
-        return ClientResult(upload=upload, num_samples=len(data.train), train_loss=loss)
+    # server: w_{t+1} = sum_k n_k w_k / sum_k n_k
+    def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:
+        weights = torch.tensor([m.num_samples for m in uploads], dtype=torch.float32)
+        return ServerState(broadcast=weighted_average([m.payload for m in uploads], weights))
 
-    def server_update(self, state: Payload, uploads: list[Payload]) -> Payload:
-        weights = torch.stack([u.pop("num_samples") for u in uploads]).float()
-        return weighted_average(uploads, weights)
-
-    def predict(self, state: Payload, x: Tensor, client_state: Payload | None = None) -> Tensor:
-        load_state(self.model, client_state if client_state is not None else state)
+    def predict(self, model: Payload, x: Tensor) -> Tensor:
+        load_state(self.model, model)
         self.model.eval()
         return batched_logits(lambda b: self.model(self.inputs(b)), x)
 

@@ -38,7 +38,16 @@ from torch import Tensor, nn
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData, Split
 from fedbench.errors import SpecError
-from fedbench.federation.method import ClientResult, Method, Payload, RunContext
+from fedbench.federation.method import (
+    ClientContext,
+    ClientResult,
+    Message,
+    Method,
+    Payload,
+    RunContext,
+    ServerContext,
+    ServerState,
+)
 from fedbench.federation.train import batched_logits, load_state, state_of, weighted_average
 from fedbench.models.clip import clip_logit_scale
 
@@ -99,7 +108,6 @@ def clip_contrastive_loss(image: Tensor, text: Tensor, logit_scale: float) -> Te
 )
 class FedCLIP(Method):
     Hparams = FedCLIPHparams
-    fidelity = "reproduction"
     default_rounds = None  # the task's default; the paper ran 200 rounds on PACS (--rounds 200)
 
     @classmethod
@@ -114,28 +122,31 @@ class FedCLIP(Method):
         if ctx.text_features.shape[1] != dim:
             raise SpecError(f"fedclip: image features have {dim} dims but text features "
                             f"{ctx.text_features.shape[1]}; the backbone's towers must share one space")
-        self.text = F.normalize(ctx.text_features.float(), dim=-1)  # [num_classes, D], one row per prompt
+        # [num_classes, D], one row per prompt
+        self.text = F.normalize(ctx.text_features.float(), dim=-1).to(ctx.device)
         self.logit_scale = hp.logit_scale or clip_logit_scale(ctx.backbone)
-        self.adapter = AttentionAdapter(dim)  # one module serves every client in turn
+        self.adapter = AttentionAdapter(dim).to(ctx.device)  # one module serves every client in turn
 
-    def init(self) -> Payload:
-        return state_of(self.adapter)
+    # server: A_0 from the seeded initialiser
+    def init(self, server: ServerContext) -> ServerState:
+        return ServerState(broadcast=state_of(self.adapter))
 
     def embed(self, features: Tensor) -> Tensor:
         """Adapted, unit-norm image features."""
         return F.normalize(self.adapter(features.float()), dim=-1)
 
+    # client k: A <- A_t; one epoch of the contrastive loss with a fresh Adam; send A
     def client_update(
-        self, down: Payload, data: ClientData, client_state: Payload | None, rng: torch.Generator
+        self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext
     ) -> ClientResult:
-        load_state(self.adapter, down)
+        load_state(self.adapter, message.payload)
         # A fresh optimiser every round: the released code builds its Adam inside the round loop,
         # so no moment estimate survives from one round to the next.
         optimizer = torch.optim.Adam(
             self.adapter.parameters(), lr=self.hp.lr, betas=(self.hp.beta1, self.hp.beta2), eps=self.hp.eps,
             weight_decay=self.hp.weight_decay,
         )
-        loss = self.train_epochs(data.train, optimizer, rng)
+        loss = self.train_epochs(data.train, optimizer, client.rng)
         # Only the adapter is sent: the equal-weight average needs no sample count.
         return ClientResult(upload=state_of(self.adapter), num_samples=len(data.train), train_loss=loss)
 
@@ -158,11 +169,12 @@ class FedCLIP(Method):
                 losses.append(loss.item())
         return sum(losses) / len(losses) if losses else float("nan")
 
-    def server_update(self, state: Payload, uploads: list[Payload]) -> Payload:
-        return weighted_average(uploads, torch.ones(len(uploads)))
+    # server: A_{t+1} = (1/K) sum_k A_k
+    def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:
+        return ServerState(broadcast=weighted_average([m.payload for m in uploads], torch.ones(len(uploads))))
 
-    def predict(self, state: Payload, x: Tensor, client_state: Payload | None = None) -> Tensor:
-        load_state(self.adapter, state)
+    def predict(self, model: Payload, x: Tensor) -> Tensor:
+        load_state(self.adapter, model)
         self.adapter.eval()
         return batched_logits(lambda b: self.logit_scale * self.embed(b) @ self.text.T, x)
 

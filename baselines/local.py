@@ -8,12 +8,18 @@ so curves line up with the federated rows.
 
 from __future__ import annotations
 
-import torch
-
 from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
-from fedbench.federation.method import ClientResult, Payload
+from fedbench.federation.method import (
+    ClientContext,
+    ClientResult,
+    Message,
+    Payload,
+    RunContext,
+    ServerContext,
+    ServerState,
+)
 from fedbench.federation.train import state_of
 
 
@@ -25,22 +31,31 @@ from fedbench.federation.train import state_of
 )
 class Local(FedAvg):
     Hparams = FedAvgHparams
-    has_global_model = False
 
-    def broadcast(self, state: Payload, client_id: int) -> Payload:
-        return {}
+    def __init__(self, hp: FedAvgHparams, ctx: RunContext) -> None:
+        super().__init__(hp, ctx)
+        # Every client starts from the same initial weights: the client side is built from the same
+        # seed as the server, so these are the server's w_0, and nothing needs to be sent.
+        self.initial_weights = state_of(self.model)
+
+    def init(self, server: ServerContext) -> ServerState:
+        return ServerState(broadcast={})
+
+    def configure(self, state: ServerState, client_id: int, server: ServerContext) -> Payload:
+        return {}  # nothing is sent
 
     def client_update(
-        self, down: Payload, data: ClientData, client_state: Payload | None, rng: torch.Generator
+        self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext
     ) -> ClientResult:
-        # Every client starts from the same initial weights (the server's init, never sent).
-        loss = self.train_from(client_state if client_state is not None else self.initial_state, data, rng)
+        loss = self.train_from(client_state if client_state is not None else self.initial_weights, data, client.rng)
         return ClientResult(upload={}, num_samples=len(data.train), train_loss=loss,
                             client_state=state_of(self.model))
 
-    def init(self) -> Payload:
-        self.initial_state = state_of(self.model)
-        return {}
-
-    def server_update(self, state: Payload, uploads: list[Payload]) -> Payload:
+    def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:
         return state
+
+    def global_model(self, state: ServerState) -> Payload | None:
+        return None  # no global model: global and held-out accuracy are not reported
+
+    def personal_model(self, client_state: Payload | None, global_model: Payload | None) -> Payload | None:
+        return client_state

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedbench.core.registry import register_method
-from fedbench.data.dataset import ClientData
 from fedbench.errors import SpecError
-from fedbench.federation.method import ClientResult, Method, Payload, RunContext
+from fedbench.federation.method import Method, Payload, RunContext, ServerContext, ServerState
 from fedbench.federation.train import batched_logits
 
 LOGIT_SCALE = 100.0  # CLIP's learned temperature, clipped at 100 in training
@@ -62,8 +61,8 @@ class ZeroShotHparams:
 )
 class ZeroShot(Method):
     Hparams = ZeroShotHparams
-    fidelity = "reference"
     default_rounds = 1  # nothing trains; the spec should not inherit a task's long schedule
+    trains = False
 
     @classmethod
     def input_kind(cls, hp: ZeroShotHparams) -> str:
@@ -89,23 +88,12 @@ class ZeroShot(Method):
             per_template.append(F.normalize(torch.as_tensor(emb).float(), dim=-1))
         return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
-    def init(self) -> Payload:
+    def init(self, server: ServerContext) -> ServerState:
         # The server state is the classifier itself, so predict reads only what it is handed.
-        return {"class_embeddings": self.class_embeddings()}
+        return ServerState(broadcast={"class_embeddings": self.class_embeddings()})
 
-    def rounds_needed(self) -> bool:
-        return False
-
-    def client_update(
-        self, down: Payload, data: ClientData, client_state: Payload | None, rng: torch.Generator
-    ) -> ClientResult:
-        return ClientResult(upload={}, num_samples=len(data.train))  # nothing to learn, nothing sent
-
-    def server_update(self, state: Payload, uploads: list[Payload]) -> Payload:
-        return state
-
-    def predict(self, state: Payload, x: Tensor, client_state: Payload | None = None) -> Tensor:
-        w = state["class_embeddings"]
+    def predict(self, model: Payload, x: Tensor) -> Tensor:
+        w = model["class_embeddings"].to(x.device)
         if x.shape[-1] != w.shape[-1]:
             raise SpecError(f"image features have {x.shape[-1]} dims but text features {w.shape[-1]}: "
                             f"zero-shot needs a backbone whose two towers share one embedding space.")

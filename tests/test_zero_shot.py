@@ -11,7 +11,9 @@ from fedbench.core.spec import options_from
 from fedbench.data.dataset import ClientIndices, FederatedDataset
 from fedbench.errors import SpecError
 from fedbench.federation.engine import run_federation
-from fedbench.federation.method import RunContext
+from fedbench.federation.method import RunContext, ServerContext
+
+SERVER = ServerContext(0, torch.Generator(), torch.device("cpu"))
 
 
 def make_ctx(text_features: torch.Tensor | None, class_names: list[str], backbone=None) -> RunContext:
@@ -38,11 +40,11 @@ def test_predict_is_scaled_cosine_with_normalised_prompts():
     text = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, -0.5]])
     method = ZeroShot(ZeroShotHparams(), make_ctx(text, ["a", "b", "c"]))
     x = torch.tensor([[0.2, 1.0, 0.0], [0.0, 0.3, -4.0], [5.0, 0.1, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float16)
-    logits = method.predict(method.init(), x)
+    logits = method.predict(method.init(SERVER).broadcast, x)
     assert logits.argmax(1).tolist() == [1, 2, 0, 1]
     assert torch.allclose(logits[3], torch.tensor([0.0, LOGIT_SCALE, 0.0]))
     # Image features are normalised too: scaling a row changes nothing.
-    assert torch.allclose(method.predict(method.init(), 7 * x.float()), logits, atol=1e-4)
+    assert torch.allclose(method.predict(method.init(SERVER).broadcast, 7 * x.float()), logits, atol=1e-4)
 
 
 def test_template_ensemble_averages_normalised_embeddings():
@@ -52,21 +54,21 @@ def test_template_ensemble_averages_normalised_embeddings():
     })
     hp = options_from(ZeroShotHparams, {"templates": "a {}| b {} "}, "method 'zero-shot'")
     method = ZeroShot(hp, make_ctx(torch.zeros(2, 3), ["cat", "dog"], backbone=tower))
-    emb = method.init()["class_embeddings"]
+    emb = method.init(SERVER).broadcast["class_embeddings"]
     # Mean of the unit vectors, re-normalised: [1,1,0]/sqrt2 (the raw mean would lean to [3,1,0]).
     assert torch.allclose(emb, torch.tensor([[0.70710678, 0.70710678, 0.0], [0.0, 0.0, 1.0]]))
     assert tower.calls == [["a cat", "a dog"], ["b cat", "b dog"]]
     # The ensemble changes a decision: with "a {}" alone this image reads as a dog.
     x = torch.tensor([[0.1, 1.0, 0.5]])
-    assert method.predict(method.init(), x).argmax(1).item() == 0
+    assert method.predict(method.init(SERVER).broadcast, x).argmax(1).item() == 0
     single = ZeroShot(ZeroShotHparams(templates="a {}"), make_ctx(torch.zeros(2, 3), ["cat", "dog"], backbone=tower))
-    assert single.predict(single.init(), x).argmax(1).item() == 1
+    assert single.predict(single.init(SERVER).broadcast, x).argmax(1).item() == 1
 
 
 def test_empty_templates_use_the_tasks_text_features_without_encoding():
     text = torch.randn(4, 6)
     method = ZeroShot(ZeroShotHparams(), make_ctx(text, list("wxyz"), backbone=None))
-    assert torch.allclose(method.init()["class_embeddings"], F.normalize(text, dim=-1))
+    assert torch.allclose(method.init(SERVER).broadcast["class_embeddings"], F.normalize(text, dim=-1))
 
 
 def test_bad_templates_and_missing_backbone():
@@ -76,7 +78,7 @@ def test_bad_templates_and_missing_backbone():
     assert parse_templates("") == []
     method = ZeroShot(ZeroShotHparams(templates="a {}"), make_ctx(torch.zeros(2, 3), ["p", "q"]))
     with pytest.raises(SpecError, match="backbone"):
-        method.init()
+        method.init(SERVER)
     with pytest.raises(SpecError, match="dims"):
         ZeroShot(ZeroShotHparams(), make_ctx(torch.eye(3), list("abc"))).predict(
             {"class_embeddings": torch.eye(3)}, torch.ones(2, 4))
@@ -94,9 +96,8 @@ def test_engine_runs_no_round_and_sends_nothing():
         clients=[ClientIndices(torch.arange(0, 10), torch.arange(10, 20), torch.arange(20, 30))],
         global_test=torch.arange(20, 30),
     )
-    method = ZeroShot(ZeroShotHparams(), make_ctx(text, ["a", "b", "c"]))
-    assert not method.rounds_needed() and ZeroShot.input_kind(method.hp) == "features"
-    out = run_federation(method, ds, feats, seed=0, rounds=5, sample=1.0)
+    assert not ZeroShot.trains and ZeroShot.input_kind(ZeroShotHparams()) == "features"
+    out = run_federation(ZeroShot, ZeroShotHparams(), make_ctx(text, ["a", "b", "c"]), ds, feats, rounds=5, sample=1.0)
     assert len(out.rounds) == 1 and out.rounds[0]["round"] == 0
     assert out.channel.up_bytes == 0 and out.channel.down_bytes == 0
     assert out.rounds[0]["global_acc"] == pytest.approx(0.9)

@@ -95,21 +95,19 @@ class FederatedDataset:
 
     def client_data(self, inputs: Tensor) -> list[ClientData]:
         """Materialise each client's splits from ``inputs`` (pixels or cached features, row-aligned)."""
+        labels = self.labels.to(inputs.device)
         out = []
         for cid, c in enumerate(self.clients):
             out.append(
                 ClientData(
                     client_id=cid,
-                    train=Split(inputs[c.train], self.labels[c.train]),
-                    val=Split(inputs[c.val], self.labels[c.val]),
-                    test=Split(inputs[c.test], self.labels[c.test]),
+                    train=Split(inputs[c.train], labels[c.train]),
+                    val=Split(inputs[c.val], labels[c.val]),
+                    test=Split(inputs[c.test], labels[c.test]),
                     domain=c.domain,
                 )
             )
         return out
-
-    def split(self, inputs: Tensor, idx: Tensor) -> Split:
-        return Split(inputs[idx], self.labels[idx])
 
 
 def pixels_fingerprint(images: Tensor) -> str:

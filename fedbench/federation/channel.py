@@ -1,12 +1,16 @@
 """Every message between server and clients crosses this channel.
 
-The payload is serialised with safetensors and deserialised on the other side, so what a
-method "sends" is exactly what could travel over a wire, and its size is measured, not
-estimated: ``len`` of the bytes, header included.
+A :class:`~fedbench.federation.method.Message` is serialised with safetensors, its envelope
+(client id, round, and on uploads the sender's sample count) in the header's ``__metadata__``,
+and rebuilt on the other side from those bytes alone. So what a method "sends" is exactly what
+could travel over a wire, and its size is measured, not estimated: ``len`` of the bytes, header
+included.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
 
 from safetensors.torch import load as st_load
@@ -14,6 +18,31 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from fedbench.errors import FedbenchError
+from fedbench.federation.method import Message
+
+_ENVELOPE_UP = ("client_id", "round", "num_samples")
+_ENVELOPE_DOWN = ("client_id", "round")
+
+
+def encode(message: Message, direction: str) -> bytes:
+    payload = message.payload
+    bad = [k for k, v in payload.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise FedbenchError(
+            f"channel payload entries {bad} are not tensors; a method must send every "
+            f"value as a torch.Tensor (wrap numbers with torch.tensor(...))"
+        )
+    envelope = _ENVELOPE_UP if direction == "up" else _ENVELOPE_DOWN
+    metadata = {k: str(int(getattr(message, k))) for k in envelope}
+    # safetensors refuses views that share storage; a contiguous CPU copy is what a wire would carry.
+    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in payload.items()}, metadata=metadata)
+
+
+def decode(wire: bytes) -> Message:
+    (header_len,) = struct.unpack("<Q", wire[:8])
+    metadata = json.loads(wire[8 : 8 + header_len]).get("__metadata__", {})
+    return Message(payload=st_load(wire), client_id=int(metadata["client_id"]), round=int(metadata["round"]),
+                   num_samples=int(metadata.get("num_samples", 0)))
 
 
 @dataclass
@@ -26,30 +55,19 @@ class Channel:
     _round_down: int = 0
     per_round: list[dict[str, int]] = field(default_factory=list)
 
-    def _transmit(self, payload: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
-        bad = [k for k, v in payload.items() if not isinstance(v, Tensor)]
-        if bad:
-            raise FedbenchError(
-                f"channel payload entries {bad} are not tensors; a method must send every "
-                f"value as a torch.Tensor (wrap numbers with torch.tensor(...))"
-            )
-        # safetensors refuses views that share storage; a contiguous copy is what a wire would carry.
-        wire = st_save({k: v.detach().contiguous().clone() for k, v in payload.items()})
-        return st_load(wire), len(wire)
-
-    def down(self, client_id: int, payload: dict[str, Tensor]) -> dict[str, Tensor]:
-        received, n = self._transmit(payload)
-        self.down_bytes += n
-        self._round_down += n
+    def down(self, message: Message) -> Message:
+        wire = encode(message, "down")
+        self.down_bytes += len(wire)
+        self._round_down += len(wire)
         self.down_messages += 1
-        return received
+        return decode(wire)
 
-    def up(self, client_id: int, payload: dict[str, Tensor]) -> dict[str, Tensor]:
-        received, n = self._transmit(payload)
-        self.up_bytes += n
-        self._round_up += n
+    def up(self, message: Message) -> Message:
+        wire = encode(message, "up")
+        self.up_bytes += len(wire)
+        self._round_up += len(wire)
         self.up_messages += 1
-        return received
+        return decode(wire)
 
     def end_round(self) -> dict[str, int]:
         """Close the round's counters and return them."""

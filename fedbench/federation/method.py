@@ -1,21 +1,37 @@
-"""The method interface (FedJAX's ``init`` / ``apply`` habit, split into its two sides).
+"""The method interface: a server side and a client side, as in Flower's configure / aggregate
+verbs and FedJAX's ``init`` / ``apply``.
 
-A method is a class with a hyper-parameter dataclass and five functions:
+A method is one class with a hyper-parameter dataclass. The engine builds it twice, once for each
+side, from the same seed: a **server** object, on which it calls only the server functions, and a
+**client** object, on which it calls only the client and evaluation functions. The two never see
+each other, so anything the server keeps (``ServerState.private``, attributes set in
+``aggregate``) cannot reach a client except through a message, and the client object is sealed
+after construction, so a client update cannot carry one client's data to the next on ``self``:
+what a client keeps between rounds is its own ``client_state``, handed back only to it.
 
-- ``init()``                          -> the server state (a dict of tensors)
-- ``broadcast(state, client_id)``     -> what the server sends one client
-- ``client_update(down, data, client_state, rng)`` -> :class:`ClientResult` (runs on one
-  client: sees the message it was sent, its own :class:`~fedbench.data.dataset.ClientData` and its own
-  private state from earlier rounds, nothing else)
-- ``server_update(state, uploads)``   -> the new server state (sees only the messages)
-- ``predict(state, x, client_state)`` -> logits, used by the evaluator
+Server side (one object, sees only messages):
 
-Every ``down`` and ``upload`` crosses :class:`fedbench.federation.channel.Channel`, which serialises it and
-counts its bytes, so anything a method wants to send must be a tensor in the payload.
+- ``init(server)``                              -> :class:`ServerState`
+- ``begin_round(state, clients, server)``       -> state, once a round before any message
+- ``configure(state, client_id, server)``       -> the payload sent to one client (empty: none)
+- ``aggregate(state, uploads, server)``         -> the new state, from the round's :class:`Message`\\ s
+- ``global_model(state)``                       -> the payload the global model is scored with
+
+Client side (one object serving every client in turn, sees one client at a time):
+
+- ``client_update(message, data, client_state, client)`` -> :class:`ClientResult`
+- ``client_update_cohort(jobs)``                -> one result per job (default: a loop; an
+  engine-level batched implementation may train many clients at once)
+- ``personal_model(client_state, global_model)`` -> the payload a client is scored with
+- ``predict(model, x)``                         -> logits of ``x`` under a payload
+
+Every message crosses :class:`fedbench.federation.channel.Channel`, which serialises it and counts
+its bytes, so anything a method wants to send must be a tensor in the payload.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +39,7 @@ import torch
 from torch import Tensor
 
 from fedbench.data.dataset import ClientData
+from fedbench.errors import PrivacyError
 
 Payload = dict[str, Tensor]
 InputKind = Literal["pixels", "features"]
@@ -44,28 +61,80 @@ class RunContext:
     pixel_std: tuple[float, ...] | None = None
     train_augment: str | None = None
     seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass(frozen=True)
+class Message:
+    """A payload and the envelope that travels with it (client id, round, the sender's sample
+    count on uploads). The channel serialises all of it and counts every byte."""
+
+    payload: Payload
+    client_id: int
+    round: int
+    num_samples: int = 0
+
+
+@dataclass
+class ServerState:
+    """What the server holds: ``broadcast`` is what it may send, ``private`` never leaves it
+    (a generator, server momentum, a server-side model; any Python object)."""
+
+    broadcast: Payload
+    private: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    round: int  # 0 in init
+    rng: torch.Generator  # the server's own stream: no client ever draws from it
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    client_id: int
+    round: int
+    rng: torch.Generator  # this client's stream for this round (data order, augmentation)
+    device: torch.device
+    global_seed: int  # seeds torch's global RNG, scoped to this update, for ops that take no generator
+
+    def scoped_global_rng(self) -> Any:
+        """A context in which torch's global RNG (dropout and friends) is seeded for this client
+        and restored afterwards, so no party draws from a stream another party left behind."""
+        return seeded_global_rng(self.global_seed, self.device)
 
 
 @dataclass
 class ClientResult:
-    upload: Payload
+    upload: Payload  # empty: nothing is sent
     num_samples: int
     train_loss: float = float("nan")
-    client_state: Payload | None = None  # kept on the client for the next round it is sampled
-    extra: dict[str, float] = field(default_factory=dict)
+    client_state: Payload | None = None  # kept for this client only, for the next round it is sampled
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's share of a round: what the cohort hook gets for each sampled client."""
+
+    message: Message | None
+    data: ClientData
+    client_state: Payload | None
+    context: ClientContext
 
 
 class Method:
-    """Base class. Subclasses set ``Hparams`` and implement the five functions."""
+    """Base class. Subclasses set ``Hparams`` (and ``version``) and implement the server and client
+    functions; the defaults below fit a method with one global model sent to every client."""
 
     Hparams: ClassVar[type]
     # Bumped whenever the method's math or a random stream it draws changes: it is part of the spec,
     # so records made by other versions are never averaged with this one or skipped by a sweep.
     version: ClassVar[int] = 1
-    # Methods with no single global model (local training) set this False: no global accuracy.
-    has_global_model: ClassVar[bool] = True
     # Overrides the task's default number of rounds (the paper's own protocol), when set.
     default_rounds: ClassVar[int | None] = None
+    # False for methods that do not train (zero-shot): the engine then runs no round.
+    trains: ClassVar[bool] = True
 
     def __init__(self, hp: Any, ctx: RunContext) -> None:
         self.hp = hp
@@ -80,27 +149,75 @@ class Method:
     def needs_backbone(cls, hp: Any) -> bool:
         return cls.input_kind(hp) == "features"
 
-    def init(self) -> Payload:
+    # --- server side ---------------------------------------------------------------------------
+    def init(self, server: ServerContext) -> ServerState:
         raise NotImplementedError
 
-    def broadcast(self, state: Payload, client_id: int) -> Payload:
+    def begin_round(self, state: ServerState, clients: Sequence[int], server: ServerContext) -> ServerState:
         return state
 
+    def configure(self, state: ServerState, client_id: int, server: ServerContext) -> Payload:
+        return state.broadcast
+
+    def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:
+        raise NotImplementedError
+
+    def global_model(self, state: ServerState) -> Payload | None:
+        """The model scored on the pooled test set and held-out domains; None: there is none."""
+        return state.broadcast
+
+    # --- client side ---------------------------------------------------------------------------
     def client_update(
-        self, down: Payload, data: ClientData, client_state: Payload | None, rng: torch.Generator
+        self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext
     ) -> ClientResult:
         raise NotImplementedError
 
-    def server_update(self, state: Payload, uploads: list[Payload]) -> Payload:
-        raise NotImplementedError
+    def client_update_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        """Train a round's clients. Override only with an implementation whose results equal this
+        loop's (a test should hold it): the engine and the records assume they do."""
+        results = []
+        for job in jobs:
+            with job.context.scoped_global_rng():
+                results.append(self.client_update(job.message, job.data, job.client_state, job.context))
+        return results
 
-    def predict(self, state: Payload, x: Tensor, client_state: Payload | None = None) -> Tensor:
+    def personal_model(self, client_state: Payload | None, global_model: Payload | None) -> Payload | None:
+        """The model a client is scored with on its own splits; None: the global model."""
+        return None
+
+    def predict(self, model: Payload, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def trainable_parameters(self) -> int:
         """Number of trained parameters on one client (reported in every record)."""
         return 0
 
-    def rounds_needed(self) -> bool:
-        """False for methods that do not train (zero-shot): the engine then runs no round."""
-        return True
+    # --- the privacy boundary --------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_sealed_as"):
+            raise PrivacyError(
+                f"{type(self).__name__}.{name} = ...: the {self.__dict__['_sealed_as']} side of a method may not "
+                f"keep new state on the method object once the run has started (it would carry one client's "
+                f"data to another, or the server's to a client). Build models in __init__, and return what a "
+                f"client keeps as ClientResult.client_state."
+            )
+        super().__setattr__(name, value)
+
+    def seal(self, side: str) -> None:
+        """Called by the engine once the object is built: no new attributes from now on."""
+        self.__dict__["_sealed_as"] = side
+
+
+class seeded_global_rng:
+    """``torch.random.fork_rng`` seeded with ``seed``: the global state is restored on exit."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self._fork = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+        self._seed = seed
+
+    def __enter__(self) -> None:
+        self._fork.__enter__()
+        torch.manual_seed(self._seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fork.__exit__(*exc)

@@ -16,7 +16,7 @@ from fedbench.core.registry import BACKBONES, METHODS, TASKS
 from fedbench.core.results import check_writable, git_commit, machine, package_versions, write_record
 from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
 from fedbench.errors import SpecError
-from fedbench.federation.engine import derive_seed, run_federation
+from fedbench.federation.engine import run_federation
 from fedbench.federation.method import RunContext
 
 DEFAULT_BACKBONE = "offline-pair"
@@ -81,14 +81,30 @@ EVAL_KEYS = ("global_acc", "global_loss", "val_acc", "heldout_acc", "heldout_acc
              "client_acc_mean", "client_acc_weighted", "client_acc_worst", "round")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; a GPU that is not there is a clear error, never a fallback."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SpecError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SpecError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise SpecError(f"--device {name}: no such CUDA device here (torch sees {torch.cuda.device_count()}); "
+                        f"run with --device cpu")
+    return device
+
+
 def execute(
     spec: RunSpec,
     results_dir: str | Path | None = "results",
     *,
     cache_dir: str | Path | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run ``spec`` and return its record; write it under ``results_dir`` unless that is None."""
+    run_device = resolve_device(device)
     if results_dir is not None:
         check_writable(results_dir)
     started = datetime.now(timezone.utc)
@@ -119,12 +135,9 @@ def execute(
         num_clients=len(dataset.clients), input_kind=method_cls.input_kind(hp),
         input_shape=tuple(inputs.shape[1:]), backbone=backbone, text_features=text_features,
         pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std, train_augment=dataset.train_augment,
-        seed=spec.seed,
+        seed=spec.seed, device=run_device,
     )
-    # Module initialisers draw from torch's global RNG: seed it before the method builds models.
-    torch.manual_seed(derive_seed(spec.seed, "init"))
-    method = method_cls(hp, ctx)
-    out = run_federation(method, dataset, inputs, seed=spec.seed, rounds=spec.rounds, sample=spec.sample,
+    out = run_federation(method_cls, hp, ctx, dataset, inputs, rounds=spec.rounds, sample=spec.sample,
                          eval_every=spec.eval_every, on_round=on_round)
     ended = datetime.now(timezone.utc)
 
@@ -134,8 +147,8 @@ def execute(
         "last": {k: last[k] for k in EVAL_KEYS if k in last},
         "best_val": {k: best[k] for k in EVAL_KEYS if k in best} if best else None,
         "best_val_round": best["round"] if best else None,
-        "rounds_run": len(out.rounds) if method.rounds_needed() else 0,
-        "trainable_params": method.trainable_parameters(),
+        "rounds_run": len(out.rounds) if out.trains else 0,
+        "trainable_params": out.trainable_params,
     }
     record = {
         "schema_version": 1,
@@ -166,6 +179,7 @@ def execute(
             "data_fingerprint": dataset.fingerprint(),
             "backbone_fingerprint": backbone_fingerprint,
             "machine": machine(),
+            "device": str(run_device),
             "started": started.isoformat(timespec="seconds"),
             "ended": ended.isoformat(timespec="seconds"),
         },

@@ -37,8 +37,9 @@ class PixelInput(nn.Module):
 
     def __init__(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
         super().__init__()
-        self.mean = None if mean is None else torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = None if std is None else torch.tensor(std).view(1, -1, 1, 1)
+        # Buffers (not sent: state_of takes parameters only) so that .to(device) moves them.
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float() / 255.0
