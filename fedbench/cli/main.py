@@ -121,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for spec in specs:
             progress = _Progress(spec.rounds)
             try:
-                records.append(execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress))
+                records.append(execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress,
+                                       device=args.device))
             finally:
                 progress.close()
         rows = summarize_heldout(records, TASKS.get(args.task).obj.card, specs[0].backbone)
@@ -135,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     progress = _Progress(spec.rounds)
     try:
-        record = execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress)
+        record = execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress, device=args.device)
     finally:
         progress.close()
     if args.json:
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand's own default must not erase an --include given before it.
     common.add_argument("--include", action="append", default=argparse.SUPPRESS, metavar="PATH",
                         help="load a local plugin file that registers methods/tasks/backbones (repeatable)")
+    common.add_argument("--override", action="store_true", default=argparse.SUPPRESS,
+                        help="let --include plugins replace built-in names (otherwise a clash is an error)")
     parser = argparse.ArgumentParser(prog="fedbench", parents=[common],
                                      description="Federated learning with vision-language models: benchmark harness")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None,
                      help="torch intra-op threads (default: torch's choice). On a busy machine 1 thread avoids "
                           "OpenMP spin-waits that can slow small models tenfold; recorded in provenance")
+    run.add_argument("--device", default="cpu",
+                     help="cpu (default), cuda or cuda:N; recorded in provenance, not in the spec (the protocol "
+                          "is the same; the last digits of a metric may differ between devices)")
     run.add_argument("--json", action="store_true", help="print the result record as JSON")
     run.set_defaults(func=cmd_run)
 
@@ -220,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         for path in getattr(args, "include", []):
-            include(path)
+            include(path, override=getattr(args, "override", False))
         return int(args.func(args) or 0)
     except FedbenchError as exc:
         print(f"fedbench: error: {exc}", file=sys.stderr)

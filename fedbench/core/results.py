@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from fedbench.core.hashing import json_digest
 from fedbench.core.spec import RunSpec
 from fedbench.errors import ResultsError
 
@@ -128,4 +129,17 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        # The CPU kernels torch picked (AVX2, AVX512, ...) and the CPU's feature flags: records made on
+        # machines that differ here may differ in the last bits of a metric, which is not a regression.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": _cpu_flags_digest(),
     }
+
+
+def _cpu_flags_digest() -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return json_digest(sorted(flags), 12) if flags else None

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fedbench.core.hashing import json_digest
 from fedbench.data.dataset import pixels_fingerprint
 from fedbench.errors import CacheError, DataError
 
@@ -110,7 +111,7 @@ class FeatureCache:
     def key(self, backbone: EncodesImages, images: Tensor) -> str:
         """The content address of ``backbone``'s features of ``images``."""
         _check_images(images)
-        return _digest(
+        return json_digest(
             {
                 "format": FORMAT_VERSION,
                 "kind": "image",
@@ -121,7 +122,7 @@ class FeatureCache:
         )
 
     def text_key(self, backbone: EncodesImages, texts: Sequence[str]) -> str:
-        return _digest(
+        return json_digest(
             {"format": FORMAT_VERSION, "kind": "text", "backbone": backbone.fingerprint, "texts": list(texts)}
         )
 
@@ -351,10 +352,6 @@ def _check_images(images: Tensor) -> None:
             f"the feature cache encodes uint8 images [N, C, H, W]; got {what}. "
             f"Pass the task's pixel pool (FederatedDataset.images), not features."
         )
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fsync(path: Path) -> None:
