@@ -10,7 +10,7 @@ import pytest
 
 import fedbench.board.check as fc
 import fedbench.harness.run as fb_run
-from fedbench.board.check import Case, Tolerance, compare_records, run_check
+from fedbench.board.check import Case, Tolerance, diff_against_reference, run_check
 from fedbench.board.validate import validate_paths
 from fedbench.cli.main import main
 from fedbench.errors import UnknownNameError
@@ -118,9 +118,9 @@ def test_best_round_may_move_only_within_a_near_tie():
         return {"metrics": {"rounds": rounds, "final": {"best_val_round": best}}, "comm": {}}
 
     tol = Tolerance(acc=0.02)
-    near = compare_records(record([0.50, 0.51], 2), record([0.50, 0.51], 1), tol)
+    near = diff_against_reference(record([0.50, 0.51], 2), record([0.50, 0.51], 1), tol)
     assert [d.key for d in near] == ["final.best_val_round"] and not near[0].moved
-    far = compare_records(record([0.40, 0.51], 2), record([0.40, 0.51], 1), tol)
+    far = diff_against_reference(record([0.40, 0.51], 2), record([0.40, 0.51], 1), tol)
     assert far[0].moved
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from fedbench.board.grouping import build_board, load_records
 from fedbench.board.html import pareto_front, render_html
-from fedbench.board.leaderboard import build_board, load_records, summarize, t975, write_leaderboard
+from fedbench.board.leaderboard import write_leaderboard
+from fedbench.board.stats import summarize, t975
 from fedbench.harness.sweep import sweep
 
 FAST = ["local_epochs=1", "samples=200"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -11,8 +12,11 @@ import pytest
 import fedbench.harness.run as fb_run
 from fedbench.board.validate import validate_paths
 from fedbench.cli.main import main
+from fedbench.core.registry import METHODS
+from fedbench.core.results import write_record
+from fedbench.core.spec import RunSpec
 from fedbench.errors import FedbenchError, SpecError
-from fedbench.harness.sweep import plan, sweep
+from fedbench.harness.sweep import is_recorded, plan, sweep
 
 FAST = ["local_epochs=1", "samples=200"]
 
@@ -88,6 +92,36 @@ def test_unreadable_record_is_run_again(blobs_task, tmp_path, counting_execute):
     path.write_text("{truncated")
     report = sweep(**grid)
     assert report.written == [path] and validate_paths([path])[0].ok
+
+
+def test_records_of_an_older_method_version_are_run_again(blobs_task, tmp_path, counting_execute, monkeypatch):
+    grid = dict(methods=["fedavg"], tasks=[blobs_task], seeds=[0], sets=FAST, rounds=2, results_dir=tmp_path,
+                progress=False, log=_quiet)
+    (old,) = sweep(**grid).written
+    assert sweep(**grid).skipped == [old]  # the same code: recorded, skipped
+
+    monkeypatch.setattr(METHODS.get("fedavg").obj, "version", 2)  # the method's math changed
+    (spec,) = plan(["fedavg"], [blobs_task], [0], FAST, rounds=2)
+    assert spec.method_version == 2 and not is_recorded(spec, tmp_path)
+    report = sweep(**grid)
+    assert not report.skipped and len(report.written) == 1 and report.written[0] != old
+    assert json.loads(report.written[0].read_text())["spec"]["method_version"] == 2
+    assert old.is_file() and json.loads(old.read_text())["spec"]["method_version"] == 1  # kept, not replaced
+
+
+def test_a_spec_version_1_record_is_run_again(blobs_task, tmp_path, counting_execute):
+    grid = dict(methods=["fedavg"], tasks=[blobs_task], seeds=[0], sets=FAST, rounds=2, results_dir=tmp_path,
+                progress=False, log=_quiet)
+    (path,) = sweep(**grid).written
+    record = json.loads(path.read_text())
+    del record["spec"]["method_class"], record["spec"]["method_version"]
+    record["spec"]["spec_version"] = 1
+    record["spec_hash"] = RunSpec.from_dict(record["spec"]).spec_hash
+    path.unlink()
+    old = write_record(record, tmp_path)  # the same run, as recorded before specs named the method's code
+    assert validate_paths([old])[0].ok
+    report = sweep(**grid)
+    assert not report.skipped and report.written == [path] and old.is_file()
 
 
 def test_keep_going_records_failures(blobs_task, tmp_path, counting_execute):

@@ -10,6 +10,7 @@ import pytest
 
 from fedbench.board.validate import check_record, validate_file, validate_paths
 from fedbench.cli.main import main
+from fedbench.core.spec import RunSpec
 
 FAST = ["local_epochs=1", "samples=200"]
 
@@ -115,3 +116,56 @@ def test_cli_fails_when_any_record_fails(results, capsys):
     assert main(["validate", str(results)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "1 OK, 1 FAIL" in out
+
+
+# ---------------------------------------------------------------- spec versions 1 and 2
+
+
+def _respec(record: dict, drop: tuple[str, ...] = (), **changes) -> dict:
+    """``record`` with its spec changed and ``spec_hash`` recomputed, so only the change is at fault."""
+    record["spec"].update(changes)
+    for key in drop:
+        record["spec"].pop(key, None)
+    record["spec_hash"] = RunSpec.from_dict(record["spec"]).spec_hash
+    return record
+
+
+def test_records_name_their_method_code(results):
+    spec = json.loads(_record(results).read_text())["spec"]
+    assert spec["spec_version"] == 2 and spec["method_version"] >= 1
+    assert spec["method_class"].endswith("FedAvg")
+
+
+def test_a_version_1_record_passes(results):
+    path = _record(results)
+    record = _respec(json.loads(path.read_text()), drop=("method_class", "method_version"), spec_version=1)
+    path.unlink()
+    moved = path.with_name(f"{record['spec_hash']}.json")
+    moved.write_text(json.dumps(record, indent=1))
+    assert validate_file(moved).ok, validate_file(moved).problems
+
+
+@pytest.mark.parametrize(
+    "drop, changes, expected",
+    [
+        (("method_class",), {}, "spec.method_class is missing or empty"),
+        ((), {"method_class": ""}, "spec.method_class is missing or empty"),
+        ((), {"method_class": 3}, "spec.method_class = 3: expected str"),
+        (("method_version",), {}, "spec.method_version = None: a version-2 spec needs"),
+        ((), {"method_version": 0}, "spec.method_version = 0: a version-2 spec needs"),
+        ((), {"method_version": -1}, "spec.method_version = -1: a version-2 spec needs"),
+        ((), {"method_version": True}, "spec.method_version = True: expected int"),
+        ((), {"method_version": "1"}, "spec.method_version = '1': expected int"),
+        ((), {"spec_version": 3}, "this fedbench reads spec versions 1, 2"),
+        (("spec_version",), {}, "spec.spec_version = None"),
+        ((), {"spec_version": 1}, "spec.method_class in a version-1 spec"),
+        (("method_class",), {"spec_version": 1}, "spec.method_version in a version-1 spec"),
+    ],
+    ids=["v2-no-class", "v2-empty-class", "v2-class-type", "v2-no-version", "v2-version-0", "v2-version-negative",
+         "v2-version-bool", "v2-version-str", "spec-version-3", "no-spec-version", "v1-with-identity",
+         "v1-with-version"],
+)
+def test_method_code_identity_is_checked(results, drop, changes, expected):
+    record = _respec(json.loads(_record(results).read_text()), drop, **changes)
+    problems = check_record(record)
+    assert any(expected in p for p in problems), problems

@@ -111,7 +111,7 @@ class CaseResult:
 
 
 # ------------------------------------------------------------------------------------------
-# Comparing two records
+# A fresh record against its reference
 # ------------------------------------------------------------------------------------------
 
 
@@ -154,8 +154,8 @@ def _near_tie(reference: Mapping[str, Any], best_round: Any, tol: float) -> bool
     return isinstance(best, (int, float)) and isinstance(other, (int, float)) and best - other <= tol
 
 
-def compare_records(reference: Mapping[str, Any], now: Mapping[str, Any], tol: Tolerance) -> list[Diff]:
-    """Every value that differs, each marked moved (beyond tolerance) or not."""
+def diff_against_reference(reference: Mapping[str, Any], now: Mapping[str, Any], tol: Tolerance) -> list[Diff]:
+    """Every value of ``now`` that differs from ``reference``, each marked moved (beyond tolerance) or not."""
     ref_flat, now_flat = comparable(reference), comparable(now)
     diffs = []
     for key in sorted(set(ref_flat) | set(now_flat)):
@@ -205,7 +205,7 @@ def check_case(case: Case, ref_dir: Path, tol: Tolerance, *, update: bool = Fals
     path = record_path(ref_dir, spec)
     stale = _stale_references(ref_dir, spec)
     reference = load_record(path) if path.is_file() else None
-    diffs = compare_records(reference, record, tol) if reference is not None else []
+    diffs = diff_against_reference(reference, record, tol) if reference is not None else []
     if update:
         record.pop("path", None)
         if reference is not None and not diffs:

@@ -14,62 +14,57 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedbench.board.leaderboard import Row, Summary, Table, build_board, fmt_bytes, load_records
+from fedbench.board.grouping import build_board, load_records
+from fedbench.board.rows import Row, Table
+from fedbench.board.stats import Summary
 from fedbench.board.validate import validate_file
+from fedbench.core import metrics as m
+from fedbench.core.formatting import format_bytes, format_count, format_percent, format_seconds
 from fedbench.errors import FedbenchError, ResultsError
 
-RECORD_METRICS: list[tuple[str, tuple[str, ...], str]] = [
-    # (label, path into the record, kind: pct | bytes | count | seconds | loss)
-    ("held-out acc % (last)", ("metrics", "final", "last", "heldout_acc_mean"), "pct"),
-    ("held-out acc % (best-val)", ("metrics", "final", "best_val", "heldout_acc_mean"), "pct"),
-    ("global acc % (last)", ("metrics", "final", "last", "global_acc"), "pct"),
-    ("global acc % (best-val)", ("metrics", "final", "best_val", "global_acc"), "pct"),
-    ("client acc % mean", ("metrics", "final", "last", "client_acc_mean"), "pct"),
-    ("client acc % weighted", ("metrics", "final", "last", "client_acc_weighted"), "pct"),
-    ("client acc % worst", ("metrics", "final", "last", "client_acc_worst"), "pct"),
-    ("global loss", ("metrics", "final", "last", "global_loss"), "loss"),
-    ("best-val round", ("metrics", "final", "best_val_round"), "count"),
-    ("bytes up", ("comm", "up_bytes"), "bytes"),
-    ("bytes down", ("comm", "down_bytes"), "bytes"),
-    ("trainable params", ("metrics", "final", "trainable_params"), "count"),
-    ("wall s", ("timing", "total_seconds"), "seconds"),
+# (label, metric): where each value lives in a record and how it prints come from the metric.
+RECORD_METRICS: list[tuple[str, m.Metric]] = [
+    ("held-out acc % (last)", m.HELDOUT_ACC_MEAN),
+    ("held-out acc % (best-val)", m.BUILTIN_METRICS["best_val_heldout_acc_mean"]),
+    ("global acc % (last)", m.GLOBAL_ACC),
+    ("global acc % (best-val)", m.BUILTIN_METRICS["best_val_global_acc"]),
+    ("client acc % mean", m.CLIENT_ACC_MEAN),
+    ("client acc % weighted", m.CLIENT_ACC_WEIGHTED),
+    ("client acc % worst", m.CLIENT_ACC_WORST),
+    ("global loss", m.GLOBAL_LOSS),
+    ("best-val round", m.BEST_VAL_ROUND),
+    ("bytes up", m.UP_BYTES),
+    ("bytes down", m.DOWN_BYTES),
+    ("trainable params", m.TRAINABLE_PARAMS),
+    ("wall s", m.WALL_SECONDS),
 ]
 
 
-def _get(record: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    value: Any = record
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
-def _fmt(value: Any, kind: str) -> str:
+def _fmt(value: Any, unit: m.Unit) -> str:
     if value is None:
         return "—"
-    if kind == "pct":
-        return f"{100 * value:.2f}"
-    if kind == "bytes":
-        return fmt_bytes(value)
-    if kind == "count":
-        return f"{value:,.0f}"
-    if kind == "loss":
+    if unit == "fraction":
+        return format_percent(value)
+    if unit == "bytes":
+        return format_bytes(value)
+    if unit == "count":
+        return format_count(value)
+    if unit == "loss":
         return f"{value:.4f}"
-    return f"{value:.1f}"
+    return format_seconds(value)
 
 
-def _delta(a: Any, b: Any, kind: str) -> str:
+def _delta(a: Any, b: Any, unit: m.Unit) -> str:
     if a is None or b is None:
         return ""
     d = b - a
-    if kind == "pct":
+    if unit == "fraction":
         return f"{100 * d:+.2f}"
-    if kind == "bytes":
-        return ("+" if d >= 0 else "-") + fmt_bytes(abs(d)) + (f" (x{b / a:.2f})" if a and b else "")
-    if kind == "count":
+    if unit == "bytes":
+        return ("+" if d >= 0 else "-") + format_bytes(abs(d)) + (f" (x{b / a:.2f})" if a and b else "")
+    if unit == "count":
         return f"{d:+,.0f}"
-    return f"{d:+.4f}" if kind == "loss" else f"{d:+.1f}"
+    return f"{d:+.4f}" if unit == "loss" else f"{d:+.1f}"
 
 
 def _flat_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,16 +74,16 @@ def _flat_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def compare_records(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
-    """(spec rows that differ, metric rows) for two records."""
+def side_by_side(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """Two records side by side: (spec keys that differ, with A's and B's value; metric rows A, B, B - A)."""
     sa, sb = _flat_spec(a["spec"]), _flat_spec(b["spec"])
     spec_rows = [(k, sa.get(k, "—"), sb.get(k, "—")) for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     metric_rows = []
-    for label, path, kind in RECORD_METRICS:
-        va, vb = _get(a, path), _get(b, path)
+    for label, metric in RECORD_METRICS:
+        va, vb = metric.read(a), metric.read(b)
         if va is None and vb is None:
             continue
-        metric_rows.append((label, _fmt(va, kind), _fmt(vb, kind), _delta(va, vb, kind)))
+        metric_rows.append((label, _fmt(va, metric.unit), _fmt(vb, metric.unit), _delta(va, vb, metric.unit)))
     return spec_rows, metric_rows
 
 
@@ -105,7 +100,7 @@ def compare_paths(path_a: str | Path, path_b: str | Path) -> str:
     from tabulate import tabulate
 
     a, b = _load(path_a), _load(path_b)
-    spec_rows, metric_rows = compare_records(a, b)
+    spec_rows, metric_rows = side_by_side(a, b)
     parts = [f"A: {path_a}", f"B: {path_b}", ""]
     if spec_rows:
         parts += [tabulate(spec_rows, headers=["spec", "A", "B"], tablefmt="simple", disable_numparse=True), ""]
@@ -120,11 +115,13 @@ def compare_paths(path_a: str | Path, path_b: str | Path) -> str:
 # Two methods on one task, from the leaderboard's rows
 # ------------------------------------------------------------------------------------------
 
-ROW_METRICS = [("headline acc %", "headline", "pct"), ("best-val acc %", "headline_best_val", "pct"),
-               ("global acc %", "global_acc", "pct"), ("client acc % mean", "client_acc_mean", "pct"),
-               ("client acc % worst", "client_acc_worst", "pct"), ("total bytes", "total_bytes", "bytes"),
-               ("bytes / round", "bytes_per_round", "bytes"), ("trainable params", "trainable_params", "count"),
-               ("wall s", "wall_seconds", "seconds")]
+# (label, key of Row.stats, unit)
+ROW_METRICS: list[tuple[str, str, m.Unit]] = [
+    ("headline acc %", "headline", "fraction"), ("best-val acc %", "headline_best_val", "fraction"),
+    ("global acc %", "global_acc", "fraction"), ("client acc % mean", "client_acc_mean", "fraction"),
+    ("client acc % worst", "client_acc_worst", "fraction"), ("total bytes", "total_bytes", "bytes"),
+    ("bytes / round", "bytes_per_round", "bytes"), ("trainable params", "trainable_params", "count"),
+    ("wall s", "wall_seconds", "seconds")]
 
 
 def _pick(table: Table, method: str) -> Row | None:
@@ -132,10 +129,10 @@ def _pick(table: Table, method: str) -> Row | None:
     return max(rows, key=lambda r: r.stats["headline"].n) if rows else None  # first of equals: the best row
 
 
-def _row_cell(s: Summary, kind: str) -> str:
-    text = _fmt(s.mean, kind)
-    if s.std is not None and kind in ("pct", "seconds"):
-        text += f" ± {_fmt(s.std, kind)}"
+def _row_cell(s: Summary, unit: m.Unit) -> str:
+    text = _fmt(s.mean, unit)
+    if s.std is not None and unit in ("fraction", "seconds"):
+        text += f" ± {_fmt(s.std, unit)}"
     return text
 
 
@@ -155,8 +152,8 @@ def compare_methods(results_dir: str | Path, task: str, method_a: str, method_b:
                             f"and {method_b!r}" + (f" with table {table_id}" if table_id else "")
                             + f"; methods recorded on {task}: {', '.join(have) or 'none'}")
     table, a, b = max(shared, key=lambda s: min(s[1].stats["headline"].n, s[2].stats["headline"].n))
-    rows = [(label, _row_cell(a.stats[key], kind), _row_cell(b.stats[key], kind),
-             _delta(a.stats[key].mean, b.stats[key].mean, kind)) for label, key, kind in ROW_METRICS]
+    rows = [(label, _row_cell(a.stats[key], unit), _row_cell(b.stats[key], unit),
+             _delta(a.stats[key].mean, b.stats[key].mean, unit)) for label, key, unit in ROW_METRICS]
     parts = [f"task protocol {table.table_id}: {table.label}",
              f"A: {a.label} [{a.backbone}], protocol {a.protocol_hash}, seeds {a.seeds}",
              f"B: {b.label} [{b.backbone}], protocol {b.protocol_hash}, seeds {b.seeds}", ""]

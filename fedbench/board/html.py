@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedbench.board.leaderboard import Board, Row, Table, fmt_bytes, fmt_ci, fmt_count, fmt_pm, fmt_secs, intro_line
+from fedbench.board.cells import COLUMNS, ROWS_NOTE, Column, intro_line
+from fedbench.board.rows import Board, Row, Table
+from fedbench.core.formatting import format_bytes
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac")
@@ -167,7 +169,7 @@ def svg_accuracy_vs_bytes(table: Table, colors: Mapping[int, str]) -> str:
                         f'y2="{_f(y_of(min(hi, a + ci)))}" stroke="{color}" stroke-width="1.5"/>')
         ring = ' class="front" stroke="#111" stroke-width="2"' if k in front else ""
         body.append(f'<circle cx="{_f(x)}" cy="{_f(y)}" r="5" fill="{color}"{ring}><title>{_E(r.label)} '
-                    f'({_E(r.backbone)}): {a:.2f}% at {_E(fmt_bytes(b))}</title></circle>')
+                    f'({_E(r.backbone)}): {a:.2f}% at {_E(format_bytes(b))}</title></circle>')
     items = [(colors[i], r.label, "point") for i, r in pts] + [("#111", "Pareto front", "dash")]
     return _svg(fr, title, body + _legend(fr, items))
 
@@ -277,29 +279,6 @@ _JS = """
 })();
 """
 
-# (header, type, cell text, sort value): sort values are raw numbers; "" sorts last.
-_HTML_COLUMNS: list[tuple[str, str, Callable[[Row], str], Callable[[Row], Any]]] = [
-    ("method", "text", lambda r: r.label, lambda r: r.label),
-    ("backbone", "text", lambda r: r.backbone, lambda r: r.backbone),
-    ("headline", "text", lambda r: r.headline, lambda r: r.headline),
-    ("acc % (mean ± std)", "num", lambda r: fmt_pm(r.stats["headline"]), lambda r: r.stats["headline"].mean),
-    ("95% CI", "num", lambda r: fmt_ci(r.stats["headline"]), lambda r: r.stats["headline"].ci95),
-    ("n", "num", lambda r: str(r.stats["headline"].n) if r.kind == "measured" else "—",
-     lambda r: r.stats["headline"].n if r.kind == "measured" else None),
-    ("best-val acc %", "num", lambda r: fmt_pm(r.stats["headline_best_val"]),
-     lambda r: r.stats["headline_best_val"].mean),
-    ("worst client %", "num", lambda r: fmt_pm(r.stats["client_acc_worst"]),
-     lambda r: r.stats["client_acc_worst"].mean),
-    ("total bytes", "num", lambda r: fmt_bytes(r.stats["total_bytes"].mean), lambda r: r.stats["total_bytes"].mean),
-    ("bytes / round", "num", lambda r: fmt_bytes(r.stats["bytes_per_round"].mean),
-     lambda r: r.stats["bytes_per_round"].mean),
-    ("trainable params", "num", lambda r: fmt_count(r.stats["trainable_params"]),
-     lambda r: r.stats["trainable_params"].mean),
-    ("wall s", "num", lambda r: fmt_secs(r.stats["wall_seconds"]), lambda r: r.stats["wall_seconds"].mean),
-    ("protocol", "text", lambda r: r.protocol_hash or "published", lambda r: r.protocol_hash or "published"),
-]
-
-
 _TEXT_CLASS = ' class="text"'
 
 
@@ -309,24 +288,27 @@ def _sort_attr(value: Any) -> str:
     return repr(round(float(value), 9)) if isinstance(value, (int, float)) else str(value)
 
 
+def _html_cell(column: Column, row: Row, color: str) -> str:
+    """A column's text, escaped, with the HTML markup of its kind: swatch and tag, hashes as code."""
+    content = _E(column.text(row))
+    if column.header == "method":
+        tag = "published" if row.kind == "published" else row.fidelity
+        title = f' title="{_E(row.source)}"' if row.source else ""
+        content = (f'<span class="swatch" style="background:{color}"></span>{content}'
+                   + (f'<span class="tag"{title}>{_E(tag)}</span>' if tag else ""))
+    elif column.header == "protocol" and row.protocol_hash:
+        content = f"<code>{content}</code>"
+    elif column.header == "commit" and row.commits:
+        content = " ".join(f"<code>{_E(c)}</code>" for c in row.commits)
+    cls = "" if column.numeric else _TEXT_CLASS
+    return f'<td{cls} data-sort="{_E(_sort_attr(column.sort(row)))}">{content}</td>'
+
+
 def _html_table(table: Table, colors: Mapping[int, str]) -> str:
-    head = "".join(f'<th data-type="{t}"{_TEXT_CLASS if t == "text" else ""} scope="col">{_E(h)}</th>'
-                   for h, t, _, _ in _HTML_COLUMNS)
-    body = []
-    for i, row in enumerate(table.rows):
-        cells = []
-        for k, (_, kind, text, sort) in enumerate(_HTML_COLUMNS):
-            content = _E(text(row))
-            if k == 0:
-                tag = "published" if row.kind == "published" else row.fidelity
-                title = f' title="{_E(row.source)}"' if row.source else ""
-                content = (f'<span class="swatch" style="background:{colors[i]}"></span>{content}'
-                           + (f'<span class="tag"{title}>{_E(tag)}</span>' if tag else ""))
-            elif k == len(_HTML_COLUMNS) - 1 and row.protocol_hash:
-                content = f"<code>{content}</code>"
-            cls = _TEXT_CLASS if kind == "text" else ""
-            cells.append(f'<td{cls} data-sort="{_E(_sort_attr(sort(row)))}">{content}</td>')
-        body.append(f'<tr class="{_E(row.kind)}">' + "".join(cells) + "</tr>")
+    head = "".join(f'<th data-type="{"num" if c.numeric else "text"}"{"" if c.numeric else _TEXT_CLASS} '
+                   f'scope="col">{_E(c.header)}</th>' for c in COLUMNS)
+    body = [f'<tr class="{_E(row.kind)}">' + "".join(_html_cell(c, row, colors[i]) for c in COLUMNS) + "</tr>"
+            for i, row in enumerate(table.rows)]
     return (f'<table class="board" id="table-{table.table_id}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
@@ -338,10 +320,9 @@ def render_html(board: Board) -> str:
         "<title>fedbench leaderboard</title>", f"<style>{_CSS}</style></head><body>",
         "<h1>fedbench leaderboard</h1>",
         f'<p class="note">{_E(intro_line(board))} Accuracies in %: mean ± sample std over seeds; 95% CI is the '
-        "half-width of the confidence interval of the mean (Student's t). Each table is one task protocol and "
-        "each row one protocol (hash in the last column); records that differ in anything but the seed are "
-        "never averaged. Rows tagged <em>published</em> are numbers from papers, shown only where their stated "
-        "protocol matches. Click a column header to sort.</p>",
+        f"half-width of the confidence interval of the mean (Student's t). {_E(ROWS_NOTE)} Rows tagged "
+        "<em>published</em> are numbers from papers, shown only where their stated protocol matches. Click a "
+        "column header to sort.</p>",
     ]
     if not board.tables:
         parts.append("<p>No records yet.</p>")

@@ -3,7 +3,8 @@
 A record is read as plain JSON (``NaN`` and ``Infinity`` refused); nothing in it is executed
 and nothing is unpickled. A record passes when:
 
-- it has the schema's keys and types (schema version 1);
+- it has the schema's keys and types (schema version 1; spec version 1, or 2 with the method's
+  code identity: ``method_class`` a non-empty import path, ``method_version`` an integer >= 1);
 - its ``spec_hash`` is the hash of its ``spec`` (a spec edited after the run fails);
 - it lies where its spec says, ``<task>/<method>/<spec_hash>.json`` (a moved file fails);
 - every accuracy is in [0, 1], every byte and message count a non-negative integer, every
@@ -31,8 +32,11 @@ from fedbench.errors import SpecError
 SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "task": (str,), "backbone": (str,), "seed": (int,), "rounds": (int,),
     "sample": (int, float), "method_options": (dict,), "task_options": (dict,), "eval_every": (int,),
-    "spec_version": (int,),
+    "spec_version": (int,), "method_class": (str,), "method_version": (int,),
 }
+# Spec versions this fedbench reads: 1 (no code identity; loads as method_version 0) and 2.
+SPEC_VERSIONS = (1, 2)
+CODE_IDENTITY = ("method_class", "method_version")
 COMM_COUNTS = ("up_bytes", "down_bytes", "up_messages", "down_messages")
 
 
@@ -97,6 +101,26 @@ def _leaf_problems(block: Any, where: str) -> list[str]:
     return problems
 
 
+def _code_identity_problems(spec_d: Mapping[str, Any]) -> list[str]:
+    """A version-2 spec names the method code that ran; a version-1 spec predates that and must not."""
+    version = spec_d.get("spec_version")
+    if version not in SPEC_VERSIONS:
+        return [f"spec.spec_version = {version!r}: this fedbench reads spec versions "
+                f"{', '.join(map(str, SPEC_VERSIONS))}"]
+    if version == 1:
+        present = [k for k in CODE_IDENTITY if k in spec_d]
+        # A version-1 hash leaves these out, so a value added later would pass unchecked.
+        return [f"spec.{k} in a version-1 spec: version 1 records no method code identity" for k in present]
+    problems = []
+    if not spec_d.get("method_class"):
+        problems.append("spec.method_class is missing or empty: a version-2 spec names the method's class")
+    method_version = spec_d.get("method_version")
+    if not isinstance(method_version, int) or method_version < 1:
+        problems.append(f"spec.method_version = {method_version!r}: a version-2 spec needs the method's version, "
+                        f"an integer >= 1")
+    return problems
+
+
 def _spec_problems(record: Mapping[str, Any]) -> tuple[RunSpec | None, list[str]]:
     spec_d = record.get("spec")
     if not isinstance(spec_d, dict):
@@ -104,6 +128,8 @@ def _spec_problems(record: Mapping[str, Any]) -> tuple[RunSpec | None, list[str]
     problems = [f"spec.{k} = {spec_d[k]!r}: expected {' or '.join(t.__name__ for t in types)}"
                 for k, types in SPEC_TYPES.items()
                 if k in spec_d and (not isinstance(spec_d[k], types) or isinstance(spec_d[k], bool))]
+    if not problems:  # the identity rules read the types checked above
+        problems = _code_identity_problems(spec_d)
     if problems:
         return None, problems
     try:

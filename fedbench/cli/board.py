@@ -25,7 +25,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.methods, args.tasks, args.seeds, args.set or [], args.rounds, args.backbone, args.results_dir,
         executor=args.executor, address=args.address, sample=args.sample, eval_every=args.eval_every,
         cache_dir=args.cache_dir, keep_going=args.keep_going, num_cpus=args.num_cpus,
-        cpus_per_run=args.cpus_per_run, includes=getattr(args, "include", None) or [], dry_run=args.dry_run,
+        cpus_per_run=args.cpus_per_run, includes=getattr(args, "include", None) or [],
+        override=getattr(args, "override", False), dry_run=args.dry_run,
     )
     return 1 if report.failed else 0
 

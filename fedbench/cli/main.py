@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fedbench.core.formatting import format_bytes, format_percent
 from fedbench.core.registry import BACKBONES, METHODS, METRICS, TASKS, include
 from fedbench.errors import FedbenchError, SpecError
 
@@ -20,17 +21,11 @@ def _sample(text: str) -> float | int:
 
 
 def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
+    return format_bytes(n, digits=1, missing="-")
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+    return format_percent(x, missing="-")
 
 
 def summary_rows(record: dict[str, Any]) -> list[tuple[str, str]]:

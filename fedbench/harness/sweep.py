@@ -2,9 +2,11 @@
 
 The whole grid is resolved with :func:`fedbench.harness.run.resolve_spec` before anything runs, so a
 bad option fails in the first second, not after an hour. A spec whose record already exists
-at ``record_path`` (same ``spec_hash``) is skipped. Records are written atomically, so an
-interrupted sweep leaves only whole records: running the same command again redoes the
-unfinished runs and nothing else.
+at ``record_path`` (same ``spec_hash``) is skipped. The hash covers the method's class and
+version, so a method whose version was bumped runs again: records of the older version (and
+records of spec version 1, which name no version) lie under other hashes and are never taken
+for the new one. Records are written atomically, so an interrupted sweep leaves only whole
+records: running the same command again redoes the unfinished runs and nothing else.
 
 ``--set`` applies to every (method, task) pair. ``METHOD.KEY=V`` or ``TASK.KEY=V`` applies to
 that method or task only (``--set fedprox.mu=0.01``); ``method.KEY`` / ``task.KEY`` keep their
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import fedbench.harness.run as fb_run
-from fedbench.core.results import check_writable, record_path, write_record
+from fedbench.core.results import check_writable, load_record, record_path, write_record
 from fedbench.core.spec import RunSpec, parse_sets
 from fedbench.errors import FedbenchError, ResultsError, SpecError
 
@@ -102,12 +104,10 @@ def plan(
 
 
 def is_recorded(spec: RunSpec, results_dir: str | Path) -> bool:
-    """True when a whole record of exactly this spec is already on disk."""
-    path = record_path(results_dir, spec)
+    """True when a whole record of exactly this spec (method version included) is already on disk."""
+    path = record_path(results_dir, spec)  # named by spec_hash: another method version lies elsewhere
     if not path.is_file():
         return False
-    from fedbench.core.results import load_record
-
     try:
         return load_record(path).get("spec_hash") == spec.spec_hash
     except ResultsError:
@@ -141,7 +141,7 @@ def _run_local(todo: list[RunSpec], results_dir: Path, report: SweepReport, cach
         bar.update(1)
 
 
-def _ray_worker(spec_dict: dict[str, Any], includes: list[str], cache_dir: str | None,
+def _ray_worker(spec_dict: dict[str, Any], includes: list[str], override: bool, cache_dir: str | None,
                 threads: int) -> dict[str, Any]:
     """Runs inside a Ray worker: load plugins, run the spec, return its record (not written here)."""
     import torch
@@ -149,7 +149,7 @@ def _ray_worker(spec_dict: dict[str, Any], includes: list[str], cache_dir: str |
     from fedbench.core.registry import include
 
     for path in includes:
-        include(path)
+        include(path, override=override)
     torch.set_num_threads(max(1, threads))
     return fb_run.execute(RunSpec.from_dict(spec_dict), None, cache_dir=cache_dir)
 
@@ -166,7 +166,7 @@ def _import_ray() -> Any:
 
 def _run_ray(todo: list[RunSpec], results_dir: Path, report: SweepReport, cache_dir: str | Path | None,
              keep_going: bool, bar: Any, *, address: str | None, num_cpus: int | None, cpus_per_run: int,
-             includes: Sequence[str]) -> None:
+             includes: Sequence[str], override: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _import_ray()
     started_here = not ray.is_initialized()
@@ -178,7 +178,7 @@ def _run_ray(todo: list[RunSpec], results_dir: Path, report: SweepReport, cache_
     worker = ray.remote(num_cpus=cpus_per_run, max_retries=0)(_ray_worker)
     incl = [str(Path(p).resolve()) for p in includes]
     cache = None if cache_dir is None else str(Path(cache_dir).resolve())
-    pending = {worker.remote(s.to_dict(), incl, cache, cpus_per_run): s for s in todo}
+    pending = {worker.remote(s.to_dict(), incl, override, cache, cpus_per_run): s for s in todo}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -218,6 +218,7 @@ def sweep(
     num_cpus: int | None = None,
     cpus_per_run: int = 1,
     includes: Sequence[str | Path] = (),
+    override: bool = False,
     progress: bool | None = None,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
@@ -254,7 +255,7 @@ def sweep(
             _run_local(todo, results, report, cache_dir, keep_going, bar)
         else:
             _run_ray(todo, results, report, cache_dir, keep_going, bar, address=address, num_cpus=num_cpus,
-                     cpus_per_run=cpus_per_run, includes=[str(p) for p in includes])
+                     cpus_per_run=cpus_per_run, includes=[str(p) for p in includes], override=override)
     except KeyboardInterrupt:
         log(f"fedbench sweep: interrupted after {len(report.written)} of {len(todo)} runs; run the same "
             f"command again to resume (recorded runs are skipped)")
