@@ -236,3 +236,14 @@ def test_an_entry_point_module_that_collides_while_importing_loads_nothing(
     with pytest.warns(PluginWarning, match="'fedprox' is already registered by fedbench.baselines.fedprox:FedProx"):
         names = METHODS.names()
     assert "ep-extra" not in names and METHODS.get("fedprox").obj is FedProx
+
+
+def test_entry_point_groups_are_the_documented_ones():
+    from pathlib import Path
+
+    from fedbench.core.registry import BACKBONES, METHODS, METRICS, TASKS
+
+    groups = [r.entry_point_group for r in (METHODS, TASKS, BACKBONES, METRICS)]
+    assert groups == ["fedbench.methods", "fedbench.tasks", "fedbench.backbones", "fedbench.metrics"]
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{g}`" in readme for g in groups[:3])  # a plugin author's contract

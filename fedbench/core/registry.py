@@ -1,7 +1,7 @@
 """One registry type for methods, tasks, backbones and metrics (timm's ``register_model`` habit).
 
 Built-ins register with a decorator; third-party packages register through entry points
-(``fedbench.methods``, ``fedbench.tasks``, ``fedbench.models.backbones``, ``fedbench.core.metrics``);
+(``fedbench.methods``, ``fedbench.tasks``, ``fedbench.backbones``, ``fedbench.metrics``);
 a local file is loaded with ``--include PATH``.
 
 Backbone names may be parametric, ``family:argument`` (``openclip:ViT-B-32/openai``):
@@ -190,8 +190,8 @@ class Registry(Generic[T]):
 
 METHODS: Registry[Any] = Registry("method", "fedbench.methods")
 TASKS: Registry[Any] = Registry("task", "fedbench.tasks")
-BACKBONES: Registry[Any] = Registry("backbone", "fedbench.models.backbones")
-METRICS: Registry[Any] = Registry("metric", "fedbench.core.metrics")
+BACKBONES: Registry[Any] = Registry("backbone", "fedbench.backbones")
+METRICS: Registry[Any] = Registry("metric", "fedbench.metrics")
 
 register_method = METHODS.register
 register_task = TASKS.register
