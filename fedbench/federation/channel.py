@@ -13,6 +13,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -38,10 +39,14 @@ def encode(message: Message, direction: str) -> bytes:
     return st_save({k: v.detach().cpu().contiguous().clone() for k, v in payload.items()}, metadata=metadata)
 
 
-def decode(wire: bytes) -> Message:
+def decode(wire: bytes, device: torch.device | None = None) -> Message:
+    """The message ``wire`` carries, its tensors on the receiver's ``device`` (default CPU)."""
     (header_len,) = struct.unpack("<Q", wire[:8])
     metadata = json.loads(wire[8 : 8 + header_len]).get("__metadata__", {})
-    return Message(payload=st_load(wire), client_id=int(metadata["client_id"]), round=int(metadata["round"]),
+    payload = st_load(wire)
+    if device is not None and device.type != "cpu":
+        payload = {k: v.to(device) for k, v in payload.items()}
+    return Message(payload=payload, client_id=int(metadata["client_id"]), round=int(metadata["round"]),
                    num_samples=int(metadata.get("num_samples", 0)))
 
 
@@ -55,19 +60,19 @@ class Channel:
     _round_down: int = 0
     per_round: list[dict[str, int]] = field(default_factory=list)
 
-    def down(self, message: Message) -> Message:
+    def down(self, message: Message, device: torch.device | None = None) -> Message:
         wire = encode(message, "down")
         self.down_bytes += len(wire)
         self._round_down += len(wire)
         self.down_messages += 1
-        return decode(wire)
+        return decode(wire, device)
 
-    def up(self, message: Message) -> Message:
+    def up(self, message: Message, device: torch.device | None = None) -> Message:
         wire = encode(message, "up")
         self.up_bytes += len(wire)
         self._round_up += len(wire)
         self.up_messages += 1
-        return decode(wire)
+        return decode(wire, device)
 
     def end_round(self) -> dict[str, int]:
         """Close the round's counters and return them."""

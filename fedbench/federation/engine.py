@@ -120,7 +120,7 @@ def run_federation(
         jobs = []
         for cid in chosen:
             payload = server.configure(state, cid, at_server)
-            message = channel.down(Message(payload, cid, r)) if payload else None
+            message = channel.down(Message(payload, cid, r), device) if payload else None
             rng, global_seed = generator(seed, "data", r, cid), derive_seed(seed, "client", r, cid)
             context = ClientContext(cid, r, rng, device, global_seed)
             jobs.append(ClientJob(message, clients[cid], client_states.get(cid), context))
@@ -131,7 +131,7 @@ def run_federation(
             if result.client_state is not None:
                 client_states[cid] = result.client_state
             if result.upload:
-                uploads.append(channel.up(Message(result.upload, cid, r, result.num_samples)))
+                uploads.append(channel.up(Message(result.upload, cid, r, result.num_samples), device))
             losses.append(result.train_loss)
             counts.append(result.num_samples)
         if uploads:

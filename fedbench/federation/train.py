@@ -75,5 +75,6 @@ def weighted_average(states: list[dict[str, Tensor]], weights: Tensor) -> dict[s
     out = {}
     for key in states[0]:
         stacked = torch.stack([s[key].double() for s in states])
+        w = w.to(stacked.device)
         out[key] = torch.tensordot(w, stacked, dims=1).to(states[0][key].dtype)
     return out

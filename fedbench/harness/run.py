@@ -122,7 +122,7 @@ def execute(
         from fedbench.models.backbones import create_backbone
         from fedbench.models.cache import FeatureCache
 
-        backbone = create_backbone(spec.backbone, cache_dir=cache_dir)
+        backbone = create_backbone(spec.backbone, device=run_device, cache_dir=cache_dir)
         backbone_fingerprint = backbone.fingerprint
         cache = FeatureCache(cache_dir)
         text_features = cache.text_features(backbone, dataset.prompts())
