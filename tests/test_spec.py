@@ -67,3 +67,34 @@ def test_prefixed_keys_route_to_method_or_task(blobs_task):
 def test_out_of_range_run_options(blobs_task, kwargs, message):
     with pytest.raises(SpecError, match=message):
         resolve_spec("fedavg", blobs_task, **kwargs)
+
+
+def test_a_spec_runs_only_with_the_code_it_names(blobs_task):
+    import dataclasses
+
+    from fedbench.harness.run import execute, resolve_spec
+
+    spec = resolve_spec("fedavg", blobs_task, rounds=1, sets=["local_epochs=1"])
+    assert spec.method_class == "fedbench.baselines.fedavg.FedAvg" and spec.method_version == 1
+    for other in (dataclasses.replace(spec, method_version=2),
+                  dataclasses.replace(spec, method_class="fedbench.baselines.fedprox.FedProx"),
+                  dataclasses.replace(spec, spec_version=1, method_class="", method_version=0)):
+        with pytest.raises(SpecError, match="Resolve the spec again"):
+            execute(other, None)
+
+
+def test_version_one_specs_keep_their_hash_and_version_two_hashes_the_code():
+    # The spec of a record written before core v2, and the hash it was filed under then.
+    v1 = RunSpec.from_dict({
+        "backbone": "none", "eval_every": 1, "method": "fedavg", "rounds": 3, "sample": 1.0, "seed": 0,
+        "method_options": {"batch_size": 64, "local_epochs": 10, "lora_rank": 4, "lr": 0.01, "momentum": 0.9,
+                           "trainable": "simple-cnn", "weight_decay": 1e-05},
+        "spec_version": 1, "task": "mnist-dirichlet",
+        "task_options": {"alpha": 0.5, "clients": 10, "data_dir": "", "max_test": 500, "max_train": 3000,
+                         "min_samples": 10, "partition": "dirichlet", "val_fraction": 0.1}})
+    assert v1.spec_hash == "306e137c320d8135" and "method_version" not in v1.to_dict()
+    import dataclasses
+
+    v2 = dataclasses.replace(v1, spec_version=2, method_class="m.C", method_version=1)
+    assert v2.spec_hash != v1.spec_hash
+    assert dataclasses.replace(v2, method_version=2).spec_hash != v2.spec_hash

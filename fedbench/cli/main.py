@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -20,12 +21,9 @@ def _sample(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"{text!r}: a fraction like 0.5 or a client count like 5") from None
 
 
-def _fmt_bytes(n: float | None) -> str:
-    return format_bytes(n, digits=1, missing="-")
-
-
-def _pct(x: float | None) -> str:
-    return format_percent(x, missing="-")
+# Terminal summaries: one decimal for bytes, "-" for what a record does not have.
+_fmt_bytes = functools.partial(format_bytes, digits=1, missing="-")
+_pct = functools.partial(format_percent, missing="-")
 
 
 def summary_rows(record: dict[str, Any]) -> list[tuple[str, str]]:

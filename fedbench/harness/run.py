@@ -95,6 +95,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_code_identity(spec: RunSpec) -> None:
+    """A spec names the method code that may run it: running it with other code would write a
+    record whose hash claims what did not happen."""
+    cls = METHODS.get(spec.method).obj
+    here = (f"{cls.__module__}.{cls.__qualname__}", cls.version)
+    if (spec.method_class, spec.method_version) != here:
+        recorded = (f"{spec.method_class} version {spec.method_version}" if spec.spec_version >= 2
+                    else "code that the spec (version 1) does not name")
+        raise SpecError(f"spec {spec.spec_hash} was made for {recorded}; this installation has {here[0]} "
+                        f"version {here[1]}. Resolve the spec again (fedbench run and sweep do) to run this code.")
+
+
 def execute(
     spec: RunSpec,
     results_dir: str | Path | None = "results",
@@ -105,6 +117,7 @@ def execute(
 ) -> dict[str, Any]:
     """Run ``spec`` and return its record; write it under ``results_dir`` unless that is None."""
     run_device = resolve_device(device)
+    check_code_identity(spec)
     if results_dir is not None:
         check_writable(results_dir)
     started = datetime.now(timezone.utc)
