@@ -123,6 +123,24 @@ def test_channel_refuses_non_tensor_payloads():
         Channel().up(Message({"n": 3}, client_id=0, round=1))
 
 
+@pytest.mark.parametrize("num_samples", [-1, 2.5, True, None])
+def test_channel_refuses_an_envelope_that_is_not_a_count(num_samples):
+    with pytest.raises(FedbenchError, match="num_samples"):
+        Channel().up(Message({"w": torch.ones(2)}, client_id=0, round=1, num_samples=num_samples))
+
+
+def test_the_envelope_survives_the_wire_and_is_counted():
+    channel = Channel()
+    sent = Message({"w": torch.arange(4.0)}, client_id=12, round=7, num_samples=345)
+    got = channel.up(sent)
+    assert (got.client_id, got.round, got.num_samples) == (12, 7, 345)
+    assert torch.equal(got.payload["w"], sent.payload["w"])
+    bare = len(st_save({"w": torch.arange(4.0)}))
+    assert channel.up_bytes > bare  # the header carries the envelope
+    down = channel.down(Message({"w": torch.arange(4.0)}, client_id=12, round=7, num_samples=345))
+    assert down.num_samples == 0  # a download carries no sample count
+
+
 def test_best_val_and_last_round_are_reported(blobs_task):
     record = _run(blobs_task, rounds=3)
     final = record["metrics"]["final"]

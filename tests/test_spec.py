@@ -98,3 +98,21 @@ def test_version_one_specs_keep_their_hash_and_version_two_hashes_the_code():
     v2 = dataclasses.replace(v1, spec_version=2, method_class="m.C", method_version=1)
     assert v2.spec_hash != v1.spec_hash
     assert dataclasses.replace(v2, method_version=2).spec_hash != v2.spec_hash
+
+
+def test_a_plugin_methods_spec_hash_is_the_same_in_every_process():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    code = (
+        "from fedbench.core.registry import include; from fedbench.harness.run import resolve_spec; "
+        f"include({str(root / 'docs/examples/personal_fedavgm.py')!r}); "
+        f"include({str(root / 'tests/plugins/blobs_task.py')!r}); "
+        "s = resolve_spec('personal-fedavgm', 'blobs'); print(s.spec_hash, s.method_class)"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert runs[0] == runs[1] and runs[0].split()[1:] == ["file", "personal_fedavgm.py:PersonalFedAvgM"]

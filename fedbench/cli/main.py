@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -143,7 +144,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     registry = {"methods": METHODS, "tasks": TASKS, "backbones": BACKBONES, "metrics": METRICS}[args.what]
-    rows = [(e.name, e.description, e.fidelity, e.source) for e in registry.entries()]
+    rows = [(e.name, e.description, e.fidelity, e.source + (f" (replaces {e.replaced})" if e.replaced else ""))
+            for e in registry.entries()]
     print(tabulate(rows, headers=["name", "description", "fidelity", "source"], tablefmt="simple"))
     return 0
 
@@ -227,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedbench: interrupted; no record was written for the unfinished run", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`fedbench list methods | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from fedbench.core.hashing import json_digest
 from fedbench.errors import DuplicateNameError, PluginError, UnknownNameError
 
 T = TypeVar("T")
@@ -216,6 +217,16 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
+def code_identity(obj: Any) -> str:
+    """Where a registered class comes from, the same on every machine and in every process:
+    ``module.Qualname`` for importable code, ``file NAME.py:Qualname`` for an ``--include`` file
+    (whose module name embeds its local path)."""
+    module = getattr(obj, "__module__", "")
+    if module in _included_files:
+        return f"file {_included_files[module].name}:{obj.__qualname__}"
+    return f"{module}.{obj.__qualname__}"
+
+
 def include(path: str | Path, *, override: bool = False) -> None:
     """Import a local plugin file; its decorators register its methods, tasks or backbones.
 
@@ -226,7 +237,8 @@ def include(path: str | Path, *, override: bool = False) -> None:
     path = Path(path)
     if not path.is_file():
         raise PluginError(f"--include {path}: no such file. Give the path of a Python file.")
-    module_name = f"fedbench_include_{abs(hash(str(path.resolve())))}"
+    # A stable name (Python's str hash changes per process): the file's stem and a digest of its path.
+    module_name = f"fedbench_include_{path.stem}_{json_digest(str(path.resolve()), 8)}"
     if module_name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(module_name, path)

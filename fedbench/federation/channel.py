@@ -34,7 +34,12 @@ def encode(message: Message, direction: str) -> bytes:
             f"value as a torch.Tensor (wrap numbers with torch.tensor(...))"
         )
     envelope = _ENVELOPE_UP if direction == "up" else _ENVELOPE_DOWN
-    metadata = {k: str(int(getattr(message, k))) for k in envelope}
+    for key in envelope:
+        value = getattr(message, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FedbenchError(f"message {key}={value!r}: must be a non-negative int (a method returns "
+                                f"ClientResult(num_samples=len(data.train)) for the samples it trained on)")
+    metadata = {k: str(getattr(message, k)) for k in envelope}
     # safetensors refuses views that share storage; a contiguous CPU copy is what a wire would carry.
     return st_save({k: v.detach().cpu().contiguous().clone() for k, v in payload.items()}, metadata=metadata)
 
