@@ -442,7 +442,7 @@ def test_rotate_batch_turns_counter_clockwise():
 @needs_mnist
 def test_rotated_mnist_domains_are_rotated_source_digits():
     raw = _mnist("")
-    images, labels, domain_of, source = rotated_mnist_pool(raw, seed=0, samples_per_domain=300)
+    images, labels, domain_of, source = rotated_mnist_pool(raw, seed=0, samples_per_domain=300, pool="all")
     all_x = torch.from_numpy(np.concatenate([raw.train_x, raw.test_x]))
     all_y = np.concatenate([raw.train_y, raw.test_y])
     assert len(set(source.tolist())) == len(source) == 6 * 300  # every domain has its own digits
@@ -477,10 +477,24 @@ def test_rotated_mnist_protocol_and_determinism():
 
 @needs_mnist
 def test_rotated_mnist_full_domainbed_split():
-    ds = RotatedMnist().load(RotatedMnistOptions(samples_per_domain=0, heldout="0"), seed=0)
+    ds = RotatedMnist().load(RotatedMnistOptions(pool="all", samples_per_domain=0, heldout="0"), seed=0)
     assert ds.partition_stats["domain_sizes"] == {"0": 11667, "15": 11667, "30": 11667, "45": 11667,
                                                   "60": 11666, "75": 11666}
     assert len(ds.images) == 70000
+
+
+@needs_mnist
+def test_rotated_mnist_default_pool_is_mnist_test_only_disjoint_from_pretraining():
+    raw = _mnist("")
+    ds = RotatedMnist().load(RotatedMnistOptions(), seed=0)
+    assert len(ds.images) == 10000 and sorted(ds.partition_stats["domain_sizes"].values()) == [1666] * 2 + [1667] * 4
+    _, labels, domain_of, source = rotated_mnist_pool(raw, seed=0, samples_per_domain=0)
+    assert sorted(source.tolist()) == list(range(10000))  # positions in MNIST test: every test image once
+    assert np.array_equal(labels, raw.test_y[source])
+    upright = ds.images[torch.from_numpy(np.flatnonzero(domain_of == "0"))]
+    assert torch.equal(upright, torch.from_numpy(raw.test_x[source[domain_of == "0"]]))
+    train_rows = {bytes(x) for x in raw.train_x.reshape(len(raw.train_x), -1)[:5000]}
+    assert not any(bytes(x) in train_rows for x in upright.reshape(len(upright), -1).numpy())
 
 
 def test_rotated_mnist_options():

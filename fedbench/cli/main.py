@@ -162,6 +162,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fedbench.models.pretrained import PRETRAINED, prepare
+
+    PRETRAINED.get(args.name)  # an unknown name fails before anything trains
+    folder = prepare(args.name, args.out, seed=args.seed, quick=args.quick, progress=sys.stderr.isatty())
+    print(f"fedbench prepare: wrote {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's own default must not erase an --include given before it.
@@ -204,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("record")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_show)
+
+    prep = sub.add_parser("prepare", parents=[common],
+                          help="pretrain one of fedbench's offline models (digits-clip, digits-t2i)")
+    prep.add_argument("name")
+    prep.add_argument("--out", default=None, help="folder to write (default: $FEDBENCH_CACHE/pretrained/NAME)")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--quick", action="store_true", help="a few steps only (smoke test; weights learn little)")
+    prep.set_defaults(func=cmd_prepare)
 
     for module in ("fedbench.cli.cache", "fedbench.cli.board"):
         try:
