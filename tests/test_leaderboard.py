@@ -289,3 +289,15 @@ def test_compare_two_records_and_two_methods(results, capsys):
     assert "seeds [0, 1, 2]" in out and "headline acc %" in out  # the 2-round table: both have 3 seeds
     assert main(["compare", "--task", "blobs", "fedavg", "fedprox", "--results-dir", str(results)]) == 2
     assert "no task protocol" in capsys.readouterr().err
+
+
+def test_a_figure_beside_the_board_is_shown_on_the_page(tmp_path):
+    from fedbench.board.leaderboard import write_leaderboard
+
+    (tmp_path / "results").mkdir()
+    out = tmp_path / "board"
+    write_leaderboard(tmp_path / "results", out)
+    assert "digits_t2i_grid.png" not in (out / "index.html").read_text()
+    out.joinpath("digits_t2i_grid.png").write_bytes(b"\x89PNG")
+    write_leaderboard(tmp_path / "results", out)
+    assert '<img src="digits_t2i_grid.png"' in (out / "index.html").read_text()

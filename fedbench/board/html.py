@@ -313,7 +313,15 @@ def _html_table(table: Table, colors: Mapping[int, str]) -> str:
             f'<tbody>{"".join(body)}</tbody></table>')
 
 
-def render_html(board: Board) -> str:
+# Figures that the offline models' own scripts save beside the leaderboard, shown when present.
+FIGURES = {
+    "digits_t2i_grid.png": ("Generated digits: digits-t2i, the in-repo text-to-image model (pretrained on MNIST "
+                            "train), one row per class prompt 'a photo of the number: \"k\".', seed 0 "
+                            "(benchmarks/digits_t2i_eval.py)."),
+}
+
+
+def render_html(board: Board, figures: list[str] = ()) -> str:
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -336,6 +344,10 @@ def render_html(board: Board) -> str:
         sources = sorted({r.source for r in table.rows if r.kind == "published" and r.source})
         parts += [f'<p class="note">Published: {_E(s)}</p>' for s in sources]
         parts.append("</section>")
+    for name in figures:
+        caption = _E(FIGURES[name])
+        parts.append(f'<section class="figure"><h2>Figure</h2><img src="{_E(name)}" alt="{caption}" '
+                     f'style="image-rendering: pixelated; width: 420px"><p class="note">{caption}</p></section>')
     if board.published_not_shown:
         parts.append("<h2>Published numbers not shown</h2><ul>"
                      + "".join(f"<li>{_E(x)}</li>" for x in board.published_not_shown) + "</ul>")

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedbench.board.cells import COLUMNS, ROWS_NOTE, Column, intro_line, ranks
 from fedbench.board.grouping import build_board, load_records
-from fedbench.board.html import render_html
+from fedbench.board.html import FIGURES, render_html
 from fedbench.board.rows import STAT_NAMES, Board, Row
 from fedbench.core.results import atomic_write_text
 from fedbench.errors import ResultsError
@@ -124,7 +124,7 @@ def write_leaderboard(results_dir: str | Path = "results", out: str | Path = "le
     written = []
     for name, text in (("README.md", render_markdown(board)),
                        ("leaderboard.csv", board_frame(board).to_csv(index=False, lineterminator="\n")),
-                       ("index.html", render_html(board))):
+                       ("index.html", render_html(board, [f for f in FIGURES if (out / f).is_file()]))):
         atomic_write_text(out / name, text)
         written.append(out / name)
     return board, written
