@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fedbench.core.registry import register_task
 from fedbench.data.dataset import FederatedDataset, Task, TaskCard
+from fedbench.data.mnist import MNIST_CLASSES, MNIST_PROMPT, load_mnist
 from fedbench.data.sources import RawImages, stream_rng
 from fedbench.errors import SpecError
 from fedbench.tasks.domain_shift import (
@@ -32,7 +33,7 @@ from fedbench.tasks.domain_shift import (
     parse_split,
     pick_domain,
 )
-from fedbench.tasks.mnist import DIGITS_BACKBONE, MNIST_CLASSES, MNIST_PROMPT, load_mnist
+from fedbench.tasks.mnist import DIGITS_BACKBONE
 
 ROTATIONS = [0, 15, 30, 45, 60, 75]
 ROTATED_MNIST_DOMAINS = [str(a) for a in ROTATIONS]

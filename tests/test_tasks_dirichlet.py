@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from fedbench.data.dataset import FederatedDataset
+from fedbench.data.mnist import load_mnist
 from fedbench.errors import DataError, SpecError
 from fedbench.tasks.cifar import CIFAR10_CLASSES, Cifar10Dirichlet, Cifar10Options
 from fedbench.tasks.label_skew import LabelSkewOptions
-from fedbench.tasks.mnist import MnistDirichlet, load_mnist
+from fedbench.tasks.mnist import MnistDirichlet
 
 PER_CLASS_TRAIN = 10  # 100 train images in 5 batches of 20
 PER_CLASS_TEST = 4  # 40 test images

@@ -7,9 +7,11 @@ Registered families (``create_backbone(name)``; ``family:argument`` names):
   (seeded, for timing), ``openclip:hf-hub:ORG/REPO`` / ``openclip:local-dir:/path``;
 - ``tiny-clip[:SEED]``: a tiny random-init CLIP (32 px, width 64, 2 layers) for fast tests;
 - ``offline-pair[:OPTIONS]``: ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, joined without any
-  image-text pairs (see :class:`OfflinePairBackbone`); the default where no CLIP weights exist.
+  image-text pairs (see :class:`OfflinePairBackbone`); the default where no CLIP weights exist;
+- ``digits-clip[:FOLDER]``: a digits dual encoder pretrained in-repo on MNIST train (CNN + frozen
+  MiniLM, CLIP loss; see :mod:`.digits_clip`), packaged weights or a ``fedbench prepare`` folder.
 
-Importing this package registers the three families (the registry imports it to load its
+Importing this package registers the four families (the registry imports it to load its
 built-ins); the modules behind it define them without registering anything.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from fedbench.core.registry import register_backbone
 from fedbench.models.backbones.base import Backbone, create_backbone, weights_fingerprint
+from fedbench.models.backbones.digits_clip import DigitsClipBackbone, digits_clip_backbone
 from fedbench.models.backbones.offline_pair import (
     BRIDGE_TAU,
     IMAGENET_PROMPT,
@@ -42,6 +45,9 @@ register_backbone("tiny-clip", description="tiny random-init CLIP (32 px, width 
 register_backbone("offline-pair", description="EfficientNet-Lite0 + MiniLM joined without pairs (offline)")(
     offline_pair_backbone
 )
+register_backbone("digits-clip", description="digits CNN + MiniLM pretrained in-repo on MNIST train (offline)")(
+    digits_clip_backbone
+)
 
 __all__ = [
     "BRIDGE_TAU",
@@ -52,6 +58,7 @@ __all__ = [
     "RIDGE_LAMBDA",
     "TINY_CLIP_CONFIG",
     "Backbone",
+    "DigitsClipBackbone",
     "ImagePreprocess",
     "OfflineImageTower",
     "OfflinePairBackbone",
@@ -59,6 +66,7 @@ __all__ = [
     "RidgeProjection",
     "SoftLabelBridge",
     "create_backbone",
+    "digits_clip_backbone",
     "fit_ridge",
     "offline_pair_backbone",
     "openclip_backbone",
