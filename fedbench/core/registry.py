@@ -204,6 +204,7 @@ _BUILTIN_MODULES = (
     "fedbench.tasks",
     "fedbench.models.backbones",
     "fedbench.core.metrics",
+    "fedbench.models.digits_t2i",
 )
 _builtins_loaded = False
 
