@@ -4,6 +4,8 @@ seeded uint8 digits; a damaged folder is refused; the committed weights verify a
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,6 +32,10 @@ def quick_model(quick_folder):
 
 def test_registered_as_a_builtin():
     assert PRETRAINED.get(NAME).obj.build is digits_t2i.build
+    # In a fresh process nothing imports the module but the registry's built-ins.
+    code = "from fedbench.models.pretrained import PRETRAINED; print(PRETRAINED.get('digits-t2i').obj.build.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "fedbench.models.digits_t2i", out.stderr
 
 
 def test_quick_build_is_a_diffusers_folder(quick_folder):

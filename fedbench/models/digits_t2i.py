@@ -77,7 +77,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 # (Imagen's, for pixel-space models; measured at 1,200 steps: recognised 89.5 % -> 99 %, no speckle).
 SAMPLER_OPTIONS: dict[str, Any] = {"thresholding": True, "sample_max_value": 1.0}
 RECIPE: dict[str, Any] = {
-    "steps": 1500,  # 1,200 already gave 99 % recognition with thresholding; 10 minutes on one core
+    "steps": 1500,  # 1,200 already gave 99 % recognition with thresholding; 15 minutes on one busy core
     "batch_size": 32,
     "lr": 1e-3,
     "warmup_steps": 100,
