@@ -352,11 +352,11 @@ def test_heldout_all_runs_end_to_end(domain_task):
     assert all(r["last round"] == 2 for r in rows[:3])
 
 
-def test_digit_tasks_default_to_the_ridge_offline_pair():
+def test_digit_tasks_default_to_the_digits_dual_encoder():
     from fedbench.harness.run import resolve_spec
 
-    assert resolve_spec("fedclip", "rotated-mnist").backbone == "offline-pair:ridge"
-    assert resolve_spec("zero-shot", "mnist-dirichlet").backbone == "offline-pair:ridge"
+    assert resolve_spec("fedclip", "rotated-mnist").backbone == "digits-clip"
+    assert resolve_spec("zero-shot", "mnist-dirichlet").backbone == "digits-clip"
     assert resolve_spec("fedclip", "pacs-mini").backbone == "offline-pair"
     assert resolve_spec("fedclip", "rotated-mnist", backbone="tiny-clip").backbone == "tiny-clip"
 
