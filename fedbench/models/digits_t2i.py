@@ -21,10 +21,17 @@ Stable Diffusion checkpoint (``unet/``, ``scheduler/``), so the code that loads 
 - **Recipe**: DDPM noise-prediction MSE, 1000 steps, ``squaredcos_cap_v2`` betas; AdamW lr 1e-3
   (100 warm-up steps, cosine decay), batch 32, 1,500 steps (0.8 epoch), gradient clip 1, bfloat16
   autocast, EMA 0.999 of the weights (the saved weights). Seed 0, one CPU thread.
-- **Sampling** (:func:`generate`): ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M), 20 steps,
-  guidance 3, from the saved scheduler config.
+- **Sampling** (:func:`generate`): ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) with dynamic
+  thresholding, 20 steps, guidance 3, from the saved scheduler config.
 
-Measured (``benchmarks/digits_t2i_eval.py``, seed 0): see ``MEASURED`` below.
+Measured (``benchmarks/digits_t2i_eval.py``, seed 0; the committed weights, pretrained in 886 s on
+one busy CPU core, 0.59 s/step; an independent second run wrote bit-identical files): of 500 images,
+50 per class from the task prompt, an independent judge (NIID-Bench's SimpleCNN trained on MNIST
+train, 98.4 % on held-out train images) recognises 99.0 %; per class 0-9: 98, 100, 100, 100, 98,
+94, 100, 100, 100, 100 %. Other captions (100 images each): "a photo of the number seven" 99 %,
+"handwritten 7" 99 %, unseen "a picture of a handwritten seven" 98 %, unseen "number 7" 97 %.
+digits-clip: mean cosine of an image with its own prompt 0.776, with the other nine 0.176
+(zero-shot 97.0 %). Sampling the 500 takes 150 s on one core.
 """
 
 from __future__ import annotations
