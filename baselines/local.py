@@ -39,10 +39,7 @@ class Local(FedAvg):
         self.initial_weights = state_of(self.model)
 
     def init(self, server: ServerContext) -> ServerState:
-        return ServerState(broadcast={})
-
-    def configure(self, state: ServerState, client_id: int, server: ServerContext) -> Payload:
-        return {}  # nothing is sent
+        return ServerState(broadcast={})  # nothing to broadcast: no message is ever sent
 
     def client_update(
         self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext

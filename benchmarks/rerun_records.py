@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fedbench.core.registry import METHODS, code_identity
+from fedbench.core.registry import METHODS, method_identity
 from fedbench.core.results import load_record, write_record
 from fedbench.core.spec import RunSpec
 from fedbench.harness.run import execute
@@ -32,8 +32,7 @@ def current_spec(recorded: dict[str, Any]) -> RunSpec:
     spec = RunSpec.from_dict(recorded)
     if spec.spec_version >= 2:
         return spec
-    cls = METHODS.get(spec.method).obj
-    return dataclasses.replace(spec, spec_version=2, method_class=code_identity(cls), method_version=cls.version)
+    return dataclasses.replace(spec, spec_version=2, **method_identity(METHODS.get(spec.method).obj))
 
 
 def scores(metrics: dict[str, Any]) -> dict[str, Any]:

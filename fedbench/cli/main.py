@@ -163,9 +163,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from fedbench.models.pretrained import PRETRAINED, prepare
+    from fedbench.models.pretrained import prepare
 
-    PRETRAINED.get(args.name)  # an unknown name fails before anything trains
     folder = prepare(args.name, args.out, seed=args.seed, quick=args.quick, progress=sys.stderr.isatty())
     print(f"fedbench prepare: wrote {folder}")
     return 0

@@ -228,6 +228,11 @@ def code_identity(obj: Any) -> str:
     return f"{module}.{obj.__qualname__}"
 
 
+def method_identity(method_cls: Any) -> dict[str, Any]:
+    """The spec fields that name a method's code: its :func:`code_identity` and its ``version``."""
+    return {"method_class": code_identity(method_cls), "method_version": method_cls.version}
+
+
 def include(path: str | Path, *, override: bool = False) -> None:
     """Import a local plugin file; its decorators register its methods, tasks or backbones.
 

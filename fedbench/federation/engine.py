@@ -29,7 +29,6 @@ from fedbench.federation.method import (
     Payload,
     RunContext,
     ServerContext,
-    ServerState,
     seeded_global_rng,
 )
 from fedbench.federation.rng import derive_seed, generator
@@ -68,7 +67,6 @@ class RunOutput:
     rounds: list[dict[str, Any]]
     round_seconds: list[float]
     channel: Channel
-    final_state: ServerState
     trainable_params: int
     trains: bool
 
@@ -104,7 +102,7 @@ def run_federation(
             on_round(record)
 
     def output() -> RunOutput:
-        return RunOutput(history, seconds, channel, state, client.trainable_parameters(), method_cls.trains)
+        return RunOutput(history, seconds, channel, client.trainable_parameters(), method_cls.trains)
 
     if not method_cls.trains:
         t0 = time.perf_counter()

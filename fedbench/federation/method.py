@@ -31,7 +31,8 @@ its bytes, so anything a method wants to send must be a tensor in the payload.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -99,7 +100,7 @@ class ClientContext:
     device: torch.device
     global_seed: int  # seeds torch's global RNG, scoped to this update, for ops that take no generator
 
-    def scoped_global_rng(self) -> Any:
+    def scoped_global_rng(self) -> AbstractContextManager[None]:
         """A context in which torch's global RNG (dropout and friends) is seeded for this client
         and restored afterwards, so no party draws from a stream another party left behind."""
         return seeded_global_rng(self.global_seed, self.device)
@@ -208,16 +209,9 @@ class Method:
         self.__dict__["_sealed_as"] = side
 
 
-class seeded_global_rng:
+@contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """``torch.random.fork_rng`` seeded with ``seed``: the global state is restored on exit."""
-
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self._fork = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
-        self._seed = seed
-
-    def __enter__(self) -> None:
-        self._fork.__enter__()
-        torch.manual_seed(self._seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedbench.core.registry import BACKBONES, METHODS, TASKS, code_identity
+from fedbench.core.registry import BACKBONES, METHODS, TASKS, method_identity
 from fedbench.core.results import check_writable, git_commit, machine, package_versions, write_record
 from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
 from fedbench.errors import SpecError
@@ -68,7 +68,7 @@ def resolve_spec(
     return RunSpec(
         method=method, task=task, backbone=backbone, seed=seed, rounds=rounds, sample=sample,
         method_options=dataclasses.asdict(hp), task_options=dataclasses.asdict(topts), eval_every=eval_every,
-        method_class=code_identity(method_cls), method_version=method_cls.version,
+        **method_identity(method_cls),
     )
 
 
@@ -98,8 +98,7 @@ def resolve_device(name: str) -> torch.device:
 def check_code_identity(spec: RunSpec) -> None:
     """A spec names the method code that may run it: running it with other code would write a
     record whose hash claims what did not happen."""
-    cls = METHODS.get(spec.method).obj
-    here = (code_identity(cls), cls.version)
+    here = tuple(method_identity(METHODS.get(spec.method).obj).values())
     if (spec.method_class, spec.method_version) != here:
         recorded = (f"{spec.method_class} version {spec.method_version}" if spec.spec_version >= 2
                     else "code that the spec (version 1) does not name")
