@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from fedbench.errors import SpecError
 from fedbench.models.backbones.base import Backbone, weights_fingerprint
-from fedbench.models.backbones.offline_pair_towers import load_minilm
+from fedbench.models.backbones.offline_pair_towers import load_minilm, minilm_sentence, minilm_tokens
 from fedbench.models.pretrained import BuildRequest, locate, register_pretrained
 
 NAME = "digits-clip"
@@ -166,18 +166,12 @@ class DigitsTextTower(nn.Module):
         self.bert, self.proj, self.pad_id = bert, proj, pad_id
 
     def sentence(self, tokens: Tensor) -> Tensor:
-        mask = (tokens != self.pad_id).long()
-        hidden = self.bert(input_ids=tokens, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
+        return F.normalize(minilm_sentence(self.bert, tokens, self.pad_id), dim=-1)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.proj(self.sentence(tokens))
 
 
-def _minilm_tokenize(tokenizer: Any, max_length: int, texts: list[str]) -> Tensor:
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"]
 
 
 class DigitsClipBackbone(Backbone):
@@ -210,7 +204,7 @@ class DigitsClipBackbone(Backbone):
         self.manifest = manifest
 
     def tokenize(self, texts: list[str]) -> Tensor:
-        return _minilm_tokenize(self._tokenizer, self._max_length, texts)
+        return minilm_tokens(self._tokenizer, self._max_length, texts)
 
     def encode_image_trainable(self, pixels: Tensor) -> Tensor:
         return self.image_model(pixels)
@@ -269,7 +263,7 @@ def _caption_embeddings(templates: tuple[str, ...]) -> Tensor:
     tower = DigitsTextTower(bert, nn.Linear(1, 1), int(tokenizer.pad_token_id or 0)).eval()
     texts = [c for t in templates for c in captions(t)]
     with torch.no_grad():
-        return tower.sentence(_minilm_tokenize(tokenizer, max_length, texts)).reshape(len(templates), 10, -1)
+        return tower.sentence(minilm_tokens(tokenizer, max_length, texts)).reshape(len(templates), 10, -1)
 
 
 def _optimizer(model: DigitsClip, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -16,7 +16,12 @@ from fedbench.core.hashing import canonical_json, json_digest
 from fedbench.errors import SpecError
 from fedbench.models.backbones.base import Backbone, weights_fingerprint
 from fedbench.models.backbones.offline_pair_heads import OfflineImageTower, RidgeProjection, SoftLabelBridge, fit_ridge
-from fedbench.models.backbones.offline_pair_towers import load_efficientnet_lite0, load_minilm
+from fedbench.models.backbones.offline_pair_towers import (
+    load_efficientnet_lite0,
+    load_minilm,
+    minilm_sentence,
+    minilm_tokens,
+)
 from fedbench.models.backbones.preprocess import ImagePreprocess
 
 IMAGENET_PROMPT = "a photo of a {}."
@@ -122,21 +127,14 @@ class OfflinePairBackbone(Backbone):
         self.embed_dim = int(fitted["class_text"].shape[1])
 
     def tokenize(self, texts: list[str]) -> Tensor:
-        enc = self._tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
-        )
-        return enc["input_ids"]
+        return minilm_tokens(self._tokenizer, self._max_length, texts)
 
     def encode_image_trainable(self, pixels: Tensor) -> Tensor:
         return self.image_model(pixels)
 
     def encode_text_trainable(self, tokens: Tensor) -> Tensor:
-        # Mean over real tokens (the pad id never occurs inside a BERT sequence), as the model's
-        # sentence-transformers pooling config says; the packaged Normalize step is left to callers.
-        mask = (tokens != self._pad_id).long()
-        hidden = self.text_model(input_ids=tokens, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        # The packaged Normalize step is left to callers.
+        return minilm_sentence(self.text_model, tokens, self._pad_id)
 
     def _load_or_fit(
         self, recipe: dict[str, Any], classes: list[str], classifier: nn.Linear, cache_dir: str | Path | None

@@ -80,6 +80,21 @@ def load_minilm() -> tuple[nn.Module, Any, int]:
     return model, tokenizer, max_length
 
 
+def minilm_tokens(tokenizer: Any, max_length: int, texts: list[str]) -> torch.Tensor:
+    """Token ids [T, L] of ``texts``, padded to the longest, cut at the model's max length."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"]
+
+
+def minilm_sentence(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean of the last hidden states over real tokens (the pad id never occurs inside a BERT
+    sequence), as the model's sentence-transformers pooling config says; not normalised."""
+    mask = (tokens != pad_id).long()
+    hidden = model(input_ids=tokens, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 @contextmanager
 def hub_offline() -> Iterator[None]:
     """Hub offline mode while a packaged local folder loads, and only then.
