@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbench.core.registry import Registry
+from fedbench.core.results import package_versions, umask
 from fedbench.errors import BackboneUnavailableError
 
 MANIFEST = "manifest.json"
@@ -113,9 +114,10 @@ def prepare(name: str, destination: Path | None = None, *, seed: int = 0, quick:
     try:
         started = time.perf_counter()
         recipe = entry.build(BuildRequest(partial, seed, quick, progress))
-        files = {str(p.relative_to(partial)): file_digest(p) for p in sorted(partial.rglob("*")) if p.is_file()}
-        from fedbench.core.results import package_versions
-
+        written = [p for p in sorted(partial.rglob("*")) if p.is_file()]
+        for path in written:  # some writers (safetensors) make 0600 files; weights are as readable as any file
+            os.chmod(path, 0o666 & ~umask())
+        files = {str(p.relative_to(partial)): file_digest(p) for p in written}
         manifest = {"name": name, "seed": seed, "quick": quick, "recipe": recipe, "files": files,
                     "train_seconds": round(time.perf_counter() - started, 1), "packages": package_versions()}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,7 +341,6 @@ def build_digits_clip(req: BuildRequest) -> dict[str, Any]:
         torch.set_num_threads(threads)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(req.folder / WEIGHTS_FILE), metadata={"format": "digits-clip/1"})
-    os.chmod(req.folder / WEIGHTS_FILE, 0o644)  # safetensors writes 0600; a packaged file must be readable
     return {**json.loads(json.dumps(RECIPE)), **facts, "seed": req.seed, "dtype": "float16",
             "data": f"MNIST train, {len(images)} images, upright ({raw.source})",
             "train_templates": list(TRAIN_TEMPLATES), "held_out_templates": list(HELD_OUT_TEMPLATES),
