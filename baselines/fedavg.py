@@ -86,6 +86,12 @@ class FedAvg(Method):
         model, inputs = build_task_model(hp.trainable, ctx, lora_rank=hp.lora_rank)
         self.model, self.inputs = model.to(ctx.device), inputs.to(ctx.device)
 
+    def encode_inputs(self, inputs: Tensor) -> Tensor:
+        # LoRA on a CLIP tower: the frozen stages below the adapted ones run once per run, not per step.
+        # Not with augmentation, which must see the pixels anew every epoch.
+        encode_once = getattr(self.inputs, "encode_once", None)
+        return encode_once(inputs) if encode_once and not self.ctx.train_augment else inputs
+
     # server: w_0 from the seeded initialiser
     def init(self, server: ServerContext) -> ServerState:
         return ServerState(broadcast=state_of(self.model))

@@ -12,6 +12,7 @@ and a federated pool disjoint from pretraining is what makes their numbers hones
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -61,12 +62,34 @@ class RotatedMnistOptions:
 
 
 def rotate_batch(images: Tensor, degrees: float) -> Tensor:
-    """Rotate uint8 [N,C,H,W] counter-clockwise about the centre, bilinear, zero fill, batched."""
+    """Rotate uint8 [N,C,H,W] counter-clockwise about the centre, bilinear, zero fill, batched.
+
+    Float64 numpy arithmetic (one IEEE rounding per add and multiply, the angle's cosine and sine
+    from the C library once) and round-half-up: the same pixels on every CPU. torchvision's
+    float32 ``rotate`` gave pixels that differ between machines with the same torch build (an
+    interpolated value a rounding step from .5 lands on either side), so the task's data, and
+    its fingerprint, moved from one machine to the next.
+    """
     if degrees == 0:
         return images.clone()
-    import torchvision.transforms.v2.functional as TF  # noqa: N812 - imported here: ~5 s at start-up otherwise
+    x = images.numpy()
+    n, c, h, w = x.shape
+    cos, sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    dy, dx = np.meshgrid(np.arange(h, dtype=np.float64) - cy, np.arange(w, dtype=np.float64) - cx, indexing="ij")
+    # Each output pixel reads the source point it came from: the inverse (clockwise) rotation.
+    sx, sy = cos * dx - sin * dy + cx, sin * dx + cos * dy + cy
+    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+    wx, wy = sx - x0, sy - y0
+    padded = np.zeros((n, c, h + 2, w + 2), dtype=np.float64)  # a zero border: neighbours outside read 0
+    padded[:, :, 1:-1, 1:-1] = x
 
-    return TF.rotate(images, float(degrees), interpolation=TF.InterpolationMode.BILINEAR, fill=0)
+    def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        return padded[:, :, np.clip(yy + 1, 0, h + 1), np.clip(xx + 1, 0, w + 1)]
+
+    value = ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x0 + 1))
+             + wy * ((1 - wx) * at(y0 + 1, x0) + wx * at(y0 + 1, x0 + 1)))
+    return torch.from_numpy(np.clip(np.floor(value + 0.5), 0, 255).astype(np.uint8))
 
 
 def deal_domains(num_images: int, seed: int, samples_per_domain: int) -> list[np.ndarray]:

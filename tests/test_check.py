@@ -131,3 +131,20 @@ def test_the_ci_suite_resolves_for_every_registered_case():
         except UnknownNameError:
             continue  # a method or task that is not in this checkout yet
         assert spec.rounds == case.rounds
+
+
+def test_a_client_accuracy_may_move_by_one_of_its_test_samples_not_two():
+    from fedbench.board.check import Tolerance, diff_against_reference
+
+    def record(accs):
+        return {"metrics": {"rounds": [{"round": 1, "client_acc": accs}], "final": {}},
+                "partition": {"split_sizes": [{"test": 49}, {"test": 10}]}, "comm": {}}
+
+    ref = record([0.612245, 0.5])
+    one = diff_against_reference(ref, record([0.591837, 0.5]), Tolerance())  # one of 49 flipped: 0.0204
+    assert one and not any(d.moved for d in one) and one[0].allowed == "±1 sample"
+    two = diff_against_reference(ref, record([0.571429, 0.5]), Tolerance())  # two of 49: a regression
+    assert any(d.moved for d in two)
+    ten = diff_against_reference(ref, record([0.612245, 0.6]), Tolerance())  # one of 10 is 0.1: allowed
+    assert not any(d.moved for d in ten)
+    assert any(d.moved for d in diff_against_reference(ref, record([0.612245, 0.7]), Tolerance()))

@@ -212,3 +212,27 @@ def test_lora_on_the_offline_pair_reaches_every_pointwise_layer():
     assert all("lora_" in k or k.startswith("head.") for k in trainable)
     logits = model(inputs(pixels(2)[0]))
     assert logits.shape == (2, len(CLASSES))
+
+
+def test_fedavg_lora_on_cached_activations_equals_the_full_forward(blobs_task, monkeypatch):
+    """The frozen stages below the LoRA run once per run; forcing them to run at every step
+    (a cache budget of zero bytes) gives the same numbers."""
+    from fedbench.models.clip import FrozenStages
+
+    spec = resolve_spec("fedavg", blobs_task, backbone="tiny-clip", rounds=2,
+                        sets=["trainable=lora", "local_epochs=1", "batch_size=64"])
+    cached = execute(spec, None)["metrics"]["rounds"]
+    calls = []
+    run = FrozenStages.forward
+
+    def counting(self, x):
+        calls.append(x.dtype)
+        return run(self, x)
+
+    monkeypatch.setattr(FrozenStages, "forward", counting)
+    monkeypatch.setattr(FrozenStages, "MAX_CACHE_BYTES", 0)
+    full = execute(spec, None)["metrics"]["rounds"]
+    assert calls.count(torch.uint8) > 10  # pixels went through the frozen stages at every step
+    for a, b in zip(cached, full, strict=True):
+        assert a["global_acc"] == pytest.approx(b["global_acc"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

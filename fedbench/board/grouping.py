@@ -36,6 +36,8 @@ from fedbench.core.registry import METHODS, TASKS
 from fedbench.core.spec import UNVERSIONED
 
 CI_FOLDER = "ci"
+# Ablation runs (results/ablations/) are read by their own tables in benchmarks/, not ranked here.
+ABLATIONS_FOLDER = "ablations"
 HASH_DIGITS = 12  # of the protocol and table ids shown on the board
 HEADLINES = ("heldout_acc_mean", "global_acc", "client_acc_mean")  # in order of preference
 _HEADLINE_METRICS = {name: (m.BUILTIN_METRICS[name], m.BUILTIN_METRICS[name].at_best_val()) for name in HEADLINES}
@@ -80,7 +82,7 @@ def load_records(results_dir: str | Path, include_ci: bool = False
                  ) -> tuple[list[tuple[Path, dict[str, Any]]], list[Validation]]:
     """Valid records under ``results_dir`` (sorted by path) and the verdicts on the invalid ones."""
     root = Path(results_dir)
-    skip = [] if include_ci else [root / CI_FOLDER]
+    skip = [root / ABLATIONS_FOLDER] + ([] if include_ci else [root / CI_FOLDER])
     good, bad = [], []
     for path in record_files([root], skip=skip) if root.is_dir() else []:
         verdict = validate_file(path)

@@ -9,6 +9,7 @@ private state (the cohort hook), sends the uploads back through the channel to t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class RunOutput:
     channel: Channel
     trainable_params: int
     trains: bool
+    encode_seconds: float = 0.0  # the method's one-off encode_inputs
+    client_seconds: list[float] = dataclasses.field(default_factory=list)  # per round: client updates
+    server_seconds: list[float] = dataclasses.field(default_factory=list)  # per round: configure + aggregate
 
 
 def run_federation(
@@ -85,7 +89,9 @@ def run_federation(
 ) -> RunOutput:
     seed, device = ctx.seed, ctx.device
     server, client = build_sides(method_cls, hp, ctx)
-    inputs = inputs.to(device)
+    t_encode = time.perf_counter()
+    inputs = client.encode_inputs(inputs.to(device))
+    encode_seconds = time.perf_counter() - t_encode
     clients = dataset.client_data(inputs)
     channel = Channel()
     evaluate = Evaluator(dataset, inputs, client)
@@ -101,8 +107,12 @@ def run_federation(
         if on_round:
             on_round(record)
 
+    client_seconds: list[float] = []
+    server_seconds: list[float] = []
+
     def output() -> RunOutput:
-        return RunOutput(history, seconds, channel, client.trainable_parameters(), method_cls.trains)
+        return RunOutput(history, seconds, channel, client.trainable_parameters(), method_cls.trains,
+                         encode_seconds, client_seconds, server_seconds)
 
     if not method_cls.trains:
         t0 = time.perf_counter()
@@ -122,7 +132,10 @@ def run_federation(
             rng, global_seed = generator(seed, "data", r, cid), derive_seed(seed, "client", r, cid)
             context = ClientContext(cid, r, rng, device, global_seed)
             jobs.append(ClientJob(message, clients[cid], client_states.get(cid), context))
+        t_clients = time.perf_counter()
         results = client.client_update_cohort(jobs)
+        t_server = time.perf_counter()
+        client_seconds.append(t_server - t_clients)
         uploads, losses, counts = [], [], []
         for job, result in zip(jobs, results, strict=True):
             cid = job.data.client_id
@@ -134,10 +147,14 @@ def run_federation(
             counts.append(result.num_samples)
         if uploads:
             state = server.aggregate(state, uploads, at_server)
+        server_seconds.append(time.perf_counter() - t_server + (t_clients - t0))
         comm = channel.end_round()
         record: dict[str, Any] = {"round": r, "clients": chosen}
         if r % eval_every == 0 or r == rounds:
             record.update(evaluate(server.global_model(state), client_states))
+        extra = server.server_metrics(state)
+        if extra:
+            record["server"] = extra
         record["train_loss"] = rounded(float(np.average(losses, weights=counts))) if counts else None
         record.update(comm)
         finish(record, t0)

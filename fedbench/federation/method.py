@@ -16,9 +16,12 @@ Server side (one object, sees only messages):
 - ``configure(state, client_id, server)``       -> the payload sent to one client (empty: none)
 - ``aggregate(state, uploads, server)``         -> the new state, from the round's :class:`Message`\\ s
 - ``global_model(state)``                       -> the payload the global model is scored with
+- ``server_metrics(state)``                     -> extra deterministic numbers for the round's record
 
 Client side (one object serving every client in turn, sees one client at a time):
 
+- ``encode_inputs(inputs)``                     -> once before round 1: a frozen per-sample map of the
+  pool (activations below the trained layers), so no round recomputes it
 - ``client_update(message, data, client_state, client)`` -> :class:`ClientResult`
 - ``client_update_cohort(jobs)``                -> one result per job (default: a loop; an
   engine-level batched implementation may train many clients at once)
@@ -150,6 +153,10 @@ class Method:
     def needs_backbone(cls, hp: Any) -> bool:
         return cls.input_kind(hp) == "features"
 
+    @classmethod
+    def check_backbone(cls, hp: Any, backbone: Any) -> None:
+        """Refuse options the backbone cannot honour (raise SpecError); called before any data is read."""
+
     # --- server side ---------------------------------------------------------------------------
     def init(self, server: ServerContext) -> ServerState:
         raise NotImplementedError
@@ -167,7 +174,16 @@ class Method:
         """The model scored on the pooled test set and held-out domains; None: there is none."""
         return state.broadcast
 
+    def server_metrics(self, state: ServerState) -> dict[str, Any]:
+        """Numbers the server reports each round (a function of the run's seed: no wall times)."""
+        return {}
+
     # --- client side ---------------------------------------------------------------------------
+    def encode_inputs(self, inputs: Tensor) -> Tensor:
+        """The pool's inputs as the client side trains and predicts on them; must be a frozen,
+        per-sample map (each client could compute its own share locally). Default: unchanged."""
+        return inputs
+
     def client_update(
         self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext
     ) -> ClientResult:

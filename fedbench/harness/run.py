@@ -125,17 +125,22 @@ def execute(
     method_cls, task_cls = method_entry.obj, TASKS.get(spec.task).obj
     hp = method_cls.Hparams(**spec.method_options)
     topts = task_cls.Options(**spec.task_options)
+    backbone, backbone_fingerprint = None, None
+    if spec.backbone != "none":
+        from fedbench.models.backbones import create_backbone
+
+        # Built before the data is read, so that options the backbone cannot honour fail first.
+        backbone = create_backbone(spec.backbone, device=run_device, cache_dir=cache_dir)
+        backbone_fingerprint = backbone.fingerprint
+        method_cls.check_backbone(hp, backbone)
+    t_backbone = time.perf_counter()
     dataset = task_cls().load(topts, spec.seed)
     t_data = time.perf_counter()
 
-    backbone, text_features, inputs = None, None, dataset.images
-    backbone_fingerprint = None
-    if spec.backbone != "none":
-        from fedbench.models.backbones import create_backbone
+    text_features, inputs = None, dataset.images
+    if backbone is not None:
         from fedbench.models.cache import FeatureCache
 
-        backbone = create_backbone(spec.backbone, device=run_device, cache_dir=cache_dir)
-        backbone_fingerprint = backbone.fingerprint
         cache = FeatureCache(cache_dir)
         text_features = cache.text_features(backbone, dataset.prompts())
         if method_cls.input_kind(hp) == "features":
@@ -181,8 +186,11 @@ def execute(
         # Wall times differ run to run; they live outside "metrics", which is deterministic.
         "timing": {
             "round_seconds": [round(s, 4) for s in out.round_seconds],
-            "data_seconds": round(t_data - t_start, 4),
-            "inputs_seconds": round(t_inputs - t_data, 4),
+            "backbone_seconds": round(t_backbone - t_start, 4),
+            "data_seconds": round(t_data - t_backbone, 4),
+            "inputs_seconds": round(t_inputs - t_data + out.encode_seconds, 4),
+            "client_seconds": [round(s, 4) for s in out.client_seconds],
+            "server_seconds": [round(s, 4) for s in out.server_seconds],
             "total_seconds": round(time.perf_counter() - t_start, 4),
         },
         "provenance": {

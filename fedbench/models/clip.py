@@ -12,6 +12,8 @@ logits. Every choice starts from zero-shot CLIP, so round 0 of each baseline is 
 - ``lora``: a copy of the image tower with peft LoRA of rank ``rank`` on its channel-mixing
   layers (:func:`lora_targets`) plus the same zero-shot head; only the LoRA matrices and the
   head train, so only they cross the channel (``state_of`` takes the tensors that require grad).
+  The tower is cut into stages (``fedbench.models.stages``); the frozen stages below the lowest
+  adapted one run once per run (``FrozenStages.encode_once``), not at every step.
 - ``full``: a copy of the whole image tower, every tensor trainable, plus the head.
 
 The backbone object is shared with the feature cache and with other methods of the run, so the
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedbench.errors import SpecError
+from fedbench.models.stages import StagedTower, image_stages, lora_layer_names, probe_pixels
 
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned temperature ends at (and is clipped to) 100
 
@@ -102,18 +105,7 @@ def lora_targets(tower: nn.Module) -> list[str]:
       ``conv_head``), the convolutional nets' channel-mixing layers. Depthwise and spatial
       convolutions hold few weights and are left frozen.
     """
-    inside_attention = set()
-    for name, m in tower.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            inside_attention.update(f"{name}.{sub}" for sub, _ in m.named_modules() if sub)
-    names = []
-    for name, m in tower.named_modules():
-        if name in inside_attention:
-            continue
-        pointwise = isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
-        if isinstance(m, (nn.MultiheadAttention, nn.Linear)) or pointwise:
-            names.append(name)
-    return names
+    return lora_layer_names(tower, spatial_convs=False)
 
 
 def add_lora(tower: nn.Module, rank: int, targets: list[str] | None = None) -> nn.Module:
@@ -159,13 +151,6 @@ def untrained_lora_tensors(model: nn.Module, pixels: Tensor) -> list[str]:
     return dead
 
 
-def _probe_pixels(backbone: Any) -> Tensor:
-    """Two deterministic, non-constant preprocessed images (no draw from any RNG)."""
-    size = int(getattr(getattr(backbone, "image_preprocess", None), "size", 224))
-    n = 2 * 3 * size * size
-    return torch.sin(torch.arange(n, dtype=torch.float32) * 0.37).reshape(2, 3, size, size).to(backbone.device)
-
-
 def build_clip_model(trainable: str, ctx: Any, rank: int = 4) -> tuple[nn.Module, nn.Module]:
     """``(model, inputs)`` for ``trainable`` in head | lora | full on ``ctx.backbone``.
 
@@ -185,16 +170,80 @@ def build_clip_model(trainable: str, ctx: Any, rank: int = 4) -> tuple[nn.Module
                             f"got input {ctx.input_kind} {tuple(ctx.input_shape)}")
         return head, nn.Identity()
 
-    tower = copy.deepcopy(backbone.image_model)
-    if trainable == "lora":
-        tower = add_lora(tower, rank)
-    else:
+    if trainable == "full":
+        tower = copy.deepcopy(backbone.image_model)
         for p in tower.parameters():
             p.requires_grad = True
-    model = ClipImageClassifier(tower, head.to(backbone.device))
-    if trainable == "lora":
-        dead = untrained_lora_tensors(model, _probe_pixels(backbone))
-        if dead:
-            raise SpecError(f"LoRA on {type(tower).__name__}: {len(dead)} adapters get no gradient and would "
-                            f"train nothing (first: {dead[0]}); target the modules the forward pass uses")
-    return model, BackbonePreprocess(backbone)
+        return ClipImageClassifier(tower, head.to(backbone.device)), BackbonePreprocess(backbone)
+
+    # LoRA: the stages below the lowest adapted one are frozen; their output can be computed once.
+    stages = image_stages(backbone)
+    targets = [lora_targets(stage) for stage in stages.stages]
+    if not any(targets):
+        raise SpecError(f"{type(backbone.image_model).__name__} has no attention, linear or pointwise-conv "
+                        f"layer for LoRA")
+    first = next(i for i, t in enumerate(targets) if t)
+    for p in stages.parameters():
+        p.requires_grad = False
+    for i in range(first, len(stages)):
+        if targets[i]:
+            stages.stages[i] = add_lora(stages.stages[i], rank, targets[i])
+    model = ClipImageClassifier(StagesFrom(stages, first), head.to(backbone.device))
+    inputs = FrozenStages(backbone, stages, first)
+    with torch.no_grad():
+        probe = stages.run(probe_pixels(backbone), 0, first)
+    dead = untrained_lora_tensors(model, probe)
+    if dead:
+        raise SpecError(f"LoRA on {type(backbone.image_model).__name__}: {len(dead)} adapters get no gradient and "
+                        f"would train nothing (first: {dead[0]}); target the modules the forward pass uses")
+    return model, inputs
+
+
+class StagesFrom(nn.Module):
+    """The adapted top of a staged tower: stages[first:] (a module, so its LoRA tensors are named)."""
+
+    def __init__(self, stages: StagedTower, first: int) -> None:
+        super().__init__()
+        self.stages, self.first = stages, first
+
+    def forward(self, activations: Tensor) -> Tensor:
+        return self.stages.run(activations, self.first)
+
+
+class FrozenStages(nn.Module):
+    """Stored inputs -> the activations at the lowest adapted stage.
+
+    uint8 pixels are preprocessed and run through the frozen stages below it; float inputs are
+    such activations already (made once per run by :meth:`encode_once`), so they pass unchanged.
+    The frozen stages run in eval mode without grad: their output is the same every round.
+    """
+
+    MAX_CACHE_BYTES = 2 * 1024**3  # a pool whose activations would take more is encoded every step
+
+    def __init__(self, backbone: Any, stages: StagedTower, first: int) -> None:
+        super().__init__()
+        self._preprocess, self.stages, self.first = backbone.preprocess, stages, first
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        if self.first == 0:
+            return self._preprocess(x)
+        with torch.no_grad():
+            was_training = [m.training for m in self.stages.stages[: self.first]]
+            for m in self.stages.stages[: self.first]:
+                m.eval()
+            out = self.stages.run(self._preprocess(x), 0, self.first)
+            for m, mode in zip(self.stages.stages[: self.first], was_training, strict=True):
+                m.train(mode)
+        return out
+
+    def encode_once(self, pixels: Tensor, batch_size: int = 500) -> Tensor:
+        """The pool's activations, or the pixels themselves where caching saves nothing (no frozen
+        stage) or would hold more than ``MAX_CACHE_BYTES``."""
+        if self.first == 0 or not len(pixels):
+            return pixels
+        head = self(pixels[:1])
+        if head.element_size() * head.numel() * len(pixels) > self.MAX_CACHE_BYTES:
+            return pixels
+        return torch.cat([self(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)])

@@ -124,6 +124,13 @@ class GreyPreprocess:
         return (x - self.mean) / self.std
 
 
+class GreyInput(nn.Module):
+    """Colour input averaged to grey (the LoRA probe and colour tasks send 3 channels)."""
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return pixels if pixels.shape[1] == 1 else pixels.mean(1, keepdim=True)
+
+
 class DigitsImageTower(nn.Module):
     """Three conv blocks (width w, 2w, 4w) + global average pool + Linear to the joint space.
 
@@ -141,9 +148,13 @@ class DigitsImageTower(nn.Module):
         self.proj = nn.Linear(4 * width, embed_dim)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        if pixels.shape[1] != 1:
-            pixels = pixels.mean(1, keepdim=True)
-        return self.proj(self.features(pixels))
+        return self.proj(self.features(GreyInput()(pixels)))
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """Conv blocks 1-3 (block 3 ends pooled and flat) and the projection, bottom to top."""
+        f = self.features
+        return [("block1", nn.Sequential(GreyInput(), *f[0:4])), ("block2", f[4:8]), ("block3", f[8:13]),
+                ("proj", self.proj)]
 
 
 class DigitsClip(nn.Module):
@@ -169,6 +180,19 @@ class DigitsTextTower(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.proj(self.sentence(tokens))
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """MiniLM sentence embedding (tokens -> unit 384-d), then the trained projection."""
+        return [("minilm", _Sentence(self)), ("proj", self.proj)]
+
+
+class _Sentence(nn.Module):
+    def __init__(self, tower: DigitsTextTower) -> None:
+        super().__init__()
+        self.bert, self.pad_id = tower.bert, tower.pad_id
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.normalize(minilm_sentence(self.bert, tokens, self.pad_id), dim=-1)
 
 
 
@@ -210,6 +234,12 @@ class DigitsClipBackbone(Backbone):
 
     def encode_text_trainable(self, tokens: Tensor) -> Tensor:
         return self.text_model(tokens)
+
+    def image_stages(self) -> list[tuple[str, nn.Module]]:
+        return self.image_model.stages()
+
+    def text_stages(self) -> list[tuple[str, nn.Module]]:
+        return self.text_model.stages()
 
 
 def digits_clip_backbone(

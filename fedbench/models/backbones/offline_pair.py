@@ -136,6 +136,14 @@ class OfflinePairBackbone(Backbone):
         # The packaged Normalize step is left to callers.
         return minilm_sentence(self.text_model, tokens, self._pad_id)
 
+    def image_stages(self) -> list[tuple[str, nn.Module]]:
+        """stem, blocks0-6, neck (pooled 1280-d), join (the head): see ``OfflineImageTower.stages``."""
+        return self.image_model.stages()
+
+    def text_stages(self) -> list[tuple[str, nn.Module]]:
+        """One stage: MiniLM with mean pooling (tokens -> 384-d, not normalised)."""
+        return [("minilm", MiniLMSentence(self.text_model, self._pad_id))]
+
     def _load_or_fit(
         self, recipe: dict[str, Any], classes: list[str], classifier: nn.Linear, cache_dir: str | Path | None
     ) -> dict[str, Tensor]:
@@ -154,6 +162,17 @@ class OfflinePairBackbone(Backbone):
             fitted["weight"] = w.contiguous()
         _write_fitted(path, fitted, recipe)
         return fitted
+
+
+class MiniLMSentence(nn.Module):
+    """tokens -> mean-pooled MiniLM sentence embedding (``minilm_sentence``), as a module."""
+
+    def __init__(self, bert: nn.Module, pad_id: int) -> None:
+        super().__init__()
+        self.bert, self.pad_id = bert, pad_id
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return minilm_sentence(self.bert, tokens, self.pad_id)
 
 
 def offline_pair_backbone(

@@ -49,6 +49,44 @@ class OfflineImageTower(nn.Module):
         # channels_last: oneDNN's depthwise convolutions run ~1.4x faster on CPU in this layout.
         return self.head(self.trunk(pixels.contiguous(memory_format=torch.channels_last)))
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``stem``, one stage per block stack (``blocks0``...), ``neck`` (1280-d pooled), ``join``.
+
+        Written after timm's ``EfficientNet.forward_features`` / ``forward_head`` (timm 1.0):
+        conv_stem, bn1, blocks, conv_head, bn2 (BatchNormAct2d: BN + ReLU6), global_pool (flattens),
+        dropout when ``drop_rate`` > 0, classifier (Identity once reset). The modules are the
+        trunk's own, so a deep copy of the list copies them together."""
+        t = self.trunk
+        blocks = [(f"blocks{i}", block) for i, block in enumerate(t.blocks)]
+        return [("stem", _Stem(t)), *blocks, ("neck", _Neck(t)), ("join", self.head)]
+
+
+class _Stem(nn.Module):
+    """channels_last (as :class:`OfflineImageTower` does), conv_stem, bn1."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.conv_stem, self.bn1 = trunk.conv_stem, trunk.bn1
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.bn1(self.conv_stem(pixels.contiguous(memory_format=torch.channels_last)))
+
+
+class _Neck(nn.Module):
+    """conv_head, bn2, then timm's ``forward_head`` (global pool, dropout, classifier)."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.conv_head, self.bn2 = trunk.conv_head, trunk.bn2
+        self.global_pool, self.classifier = trunk.global_pool, trunk.classifier
+        self.drop_rate = float(getattr(trunk, "drop_rate", 0.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.global_pool(self.bn2(self.conv_head(x)))
+        if self.drop_rate > 0.0:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return self.classifier(x)
+
 
 def fit_ridge(classifier_weight: Tensor, class_text: Tensor, lam: float, center: bool = True) -> Tensor:
     """W [1280, 384] = argmin ||C W - T||^2 + lam ||W||^2 in closed form.

@@ -61,6 +61,30 @@ class OpenClipBackbone(Backbone):
     def encode_text_trainable(self, tokens: Tensor) -> Tensor:
         return self.model.encode_text(tokens)
 
+    def image_stages(self) -> list[tuple[str, nn.Module]]:
+        """A ViT as ``stem``, ``block0``... (one per residual block), ``head``; any other tower
+        (ModifiedResNet, timm, a ViT subclass with its own forward) as one stage."""
+        return _vit_stages(self.image_model) or [("tower", self.image_model)]
+
+    def text_stages(self) -> list[tuple[str, nn.Module]]:
+        """A CLIP text transformer as ``embed``, ``block0``..., ``head`` (activations between
+        stages are ``(x, tokens)``: the pooling reads the tokens); other text towers as one
+        stage. No stage holds the image tower."""
+        model = self.model
+        source = _text_transformer_source(model)
+        if source is not None:
+            return _text_stages(source)
+        text = getattr(model, "text", None)
+        if isinstance(text, nn.Module):
+            import open_clip
+
+            if type(model).encode_text is open_clip.CustomTextCLIP.encode_text:
+                return [("text", text)]  # CustomTextCLIP.encode_text(t) is text(t) (normalize=False)
+            coca = getattr(open_clip, "CoCa", None)
+            if coca is not None and type(model).encode_text is coca.encode_text:
+                return [("text", _CocaText(text))]
+        raise SpecError(f"{self.name}: the text tower of {type(model).__name__} is not cut into stages.")
+
 
 def openclip_backbone(
     argument: str | None, *, device: str | torch.device = "cpu", cache_dir: str | Path | None = None
@@ -167,3 +191,206 @@ def _openclip_tokenizer(name: str, arch: str, source: str) -> Any:
         raise BackboneUnavailableError(
             f"{name}: could not load the tokenizer of {source} ({type(exc).__name__}: {str(exc)[:300]})."
         ) from exc
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages (see fedbench.models.stages), written after open_clip 3.3's VisionTransformer.forward
+# (_embeds, transformer, _pool, proj) and CLIP.encode_text / TextTransformer.forward. Every stage
+# holds the model's own modules and parameters, never a whole tower, so a deep copy of the list
+# copies each once and a stage's parameters are exactly what it runs.
+
+
+def _same_methods(obj: Any, base: type, names: tuple[str, ...]) -> bool:
+    """``obj`` runs ``base``'s own code for each of ``names`` (no subclass override)."""
+    return all(getattr(type(obj), n, None) is getattr(base, n) for n in names if hasattr(base, n))
+
+
+def _lnd(transformer: nn.Module) -> bool:
+    """Whether the blocks run sequence-first (LND): open_clip < 2.23 always (no ``batch_first``),
+    later versions when ``Transformer.batch_first`` is False (the Transformer transposes)."""
+    return not getattr(transformer, "batch_first", False)
+
+
+def _plain_transformer(transformer: Any) -> bool:
+    from open_clip.transformer import Transformer
+
+    return isinstance(transformer, Transformer) and _same_methods(transformer, Transformer, ("forward",))
+
+
+def _vit_stages(visual: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(visual, VisionTransformer) or getattr(visual, "output_tokens", False):
+        return None
+    if not _same_methods(visual, VisionTransformer, ("forward", "_embeds", "_pool", "_global_pool")):
+        return None
+    if not _plain_transformer(visual.transformer):
+        return None
+    blocks = [(f"block{i}", block) for i, block in enumerate(visual.transformer.resblocks)]
+    return [("stem", _VitStem(visual)), *blocks, ("head", _VitHead(visual))]
+
+
+class _VitStem(nn.Module):
+    """conv1 -> patches [N, grid**2, width], class token, positional embedding, patch dropout,
+    ln_pre (VisionTransformer._embeds); then [N, L, D] -> [L, N, D] if the blocks run LND."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = visual.conv1
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = visual.positional_embedding
+        self.patch_dropout = visual.patch_dropout
+        self.ln_pre = visual.ln_pre
+        self.lnd = _lnd(visual.transformer)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = self.conv1(pixels)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(self.patch_dropout(x))
+        return x.transpose(0, 1).contiguous() if self.lnd else x
+
+
+class _VitHead(nn.Module):
+    """Back to [N, L, D] if needed, then VisionTransformer._pool (attentional pool, ln_post,
+    token / average pool, in the model's order) and the projection."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.attn_pool = visual.attn_pool
+        self.attn_pool_contrastive = getattr(visual, "attn_pool_contrastive", None)
+        self.attn_pool_type = getattr(visual, "attn_pool_type", "")
+        self.final_ln_after_pool = bool(getattr(visual, "final_ln_after_pool", False))
+        self.pool_type = visual.pool_type
+        self.ln_post = visual.ln_post
+        self.proj = visual.proj
+        self.lnd = _lnd(visual.transformer)
+
+    def _global_pool(self, x: Tensor) -> Tensor:
+        if self.pool_type == "avg":
+            return x[:, 1:].mean(dim=1)
+        if self.pool_type == "tok":
+            return x[:, 0]
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.lnd:
+            x = x.transpose(0, 1)
+        if self.attn_pool is not None:
+            if self.attn_pool_contrastive is not None:
+                x = self.ln_post(x)
+                pooled = self.attn_pool_contrastive(x if self.attn_pool_type == "parallel" else self.attn_pool(x))
+            else:
+                pooled = self._global_pool(self.ln_post(self.attn_pool(x)))
+        elif self.final_ln_after_pool:
+            pooled = self.ln_post(self._global_pool(x))
+        else:
+            pooled = self._global_pool(self.ln_post(x))
+        if self.proj is None:
+            return pooled
+        return self.proj(pooled) if isinstance(self.proj, nn.Module) else pooled @ self.proj
+
+
+def _text_transformer_source(model: nn.Module) -> nn.Module | None:
+    """The module holding a plain causal text transformer whose output is ``encode_text``:
+    ``CLIP`` itself (text modules at the top level) or a CustomTextCLIP's ``TextTransformer``
+    without a class token or pad mask (CoCa's and bidirectional ones stay one stage)."""
+    import open_clip
+    from open_clip.transformer import TextTransformer
+
+    if type(model).encode_text is open_clip.CLIP.encode_text:
+        source = model
+    elif type(model).encode_text is open_clip.CustomTextCLIP.encode_text and isinstance(
+        getattr(model, "text", None), TextTransformer
+    ):
+        source = model.text
+        if not _same_methods(source, TextTransformer, ("forward", "_embeds")):
+            return None
+        if source.cls_emb is not None or getattr(source, "use_pad_mask", False) or source.output_tokens:
+            return None
+    else:
+        return None
+    return source if _plain_transformer(source.transformer) else None
+
+
+def _text_stages(source: nn.Module) -> list[tuple[str, nn.Module]]:
+    blocks = source.transformer.resblocks
+    mask = source.attn_mask
+    stages: list[tuple[str, nn.Module]] = [("embed", _TextEmbed(source))]
+    stages += [(f"block{i}", _TextBlock(block, mask)) for i, block in enumerate(blocks)]
+    return [*stages, ("head", _TextHead(source))]
+
+
+class _TextEmbed(nn.Module):
+    """tokens -> (token + positional embeddings in the blocks' dtype, tokens)."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.token_embedding = source.token_embedding
+        self.positional_embedding = source.positional_embedding
+        self.lnd = _lnd(source.transformer)
+        # The blocks' dtype is read at each call (Transformer.get_cast_dtype): a plain list keeps
+        # the first block out of this stage's parameters, and a deep copy of the whole list of
+        # stages maps it onto the copied block.
+        self._first_block = [source.transformer.resblocks[0]]
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        block = self._first_block[0]
+        dtype = block.get_weight_dtype() if hasattr(block, "get_weight_dtype") else self.token_embedding.weight.dtype
+        x = self.token_embedding(tokens).to(dtype)
+        x = x + self.positional_embedding[: tokens.shape[1]].to(dtype)
+        return (x.transpose(0, 1).contiguous() if self.lnd else x), tokens
+
+
+class _TextBlock(nn.Module):
+    """One residual block on (x, tokens), with the model's fixed causal mask."""
+
+    def __init__(self, block: nn.Module, attn_mask: Tensor | None) -> None:
+        super().__init__()
+        self.block = block
+        self.register_buffer("attn_mask", attn_mask, persistent=False)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, tokens = inputs
+        return self.block(x, attn_mask=self.attn_mask), tokens
+
+
+class _TextHead(nn.Module):
+    """ln_final, pooling (text_global_pool: argmax = end of text, eos, first, last) and the projection."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.ln_final = source.ln_final
+        self.text_projection = source.text_projection
+        self.pool_type = getattr(source, "text_pool_type", getattr(source, "pool_type", "argmax"))
+        self.eos_id = getattr(source, "text_eos_id", getattr(source, "eos_id", None))
+        self.lnd = _lnd(source.transformer)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        x, tokens = inputs
+        x = self.ln_final(x.transpose(0, 1) if self.lnd else x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self.pool_type == "first":
+            x = x[:, 0]
+        elif self.pool_type == "last":
+            x = x[:, -1]
+        elif self.pool_type == "argmax":
+            x = x[rows, tokens.argmax(dim=-1)]
+        elif self.pool_type == "eos":
+            x = x[rows, (tokens == self.eos_id).int().argmax(dim=-1)]
+        if self.text_projection is None:
+            return x
+        return self.text_projection(x) if isinstance(self.text_projection, nn.Module) else x @ self.text_projection
+
+
+class _CocaText(nn.Module):
+    """CoCa.encode_text: the text tower's pooled latent, normalised (CoCa's default)."""
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out = self.text(tokens)
+        return torch.nn.functional.normalize(out[0] if isinstance(out, tuple) else out, dim=-1)
