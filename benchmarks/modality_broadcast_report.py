@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-DEFAULTS = {"text_steps": 10, "aggregation": "query", "personal_layers": 1}
+DEFAULTS = {"text_steps": 10, "aggregation": "query", "personal_layers": 1, "local_epochs": 1}
 
 
 def _records(folder: Path) -> list[dict[str, Any]]:

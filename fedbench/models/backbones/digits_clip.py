@@ -41,7 +41,7 @@ never seen in pretraining, costs what it should:
 prompt                                         0     15    30    45    60    75
 =============================================  ====  ====  ====  ====  ====  ====
 task prompt ``a photo of the number: "7".``    99.2  97.9  86.0  56.2  31.4  19.6
-held out ``a black and white photo of the      99.0  97.8  86.4  56.9  33.2  21.3
+held out ``a black and white photo of the      99.0  97.8  86.4  56.8  33.2  21.3
 numeral seven.``
 held out ``a scan of a handwritten 7.``        99.1  97.6  85.1  55.1  30.5  19.2
 held out, both (ensemble)                      99.1  97.8  86.1  56.5  32.1  20.5
