@@ -298,11 +298,12 @@ class ModalityBroadcast(Method):
         return ServerState(broadcast={"text": private["T"], **average}, private=private)
 
     def fine_tune_text(self, private: dict[str, Any], uploads: list[Message], rng: torch.Generator) -> None:
-        feats = torch.cat([m.payload["synth_features"] for m in uploads if "synth_features" in m.payload])
-        labels = torch.cat([m.payload["synth_labels"] for m in uploads if "synth_labels" in m.payload])
+        sets = [m.payload for m in uploads if "synth_labels" in m.payload]
+        labels = torch.cat([p["synth_labels"] for p in sets]) if sets else torch.zeros(0, dtype=torch.long)
         private["synth"], losses = len(labels), []
-        if not len(labels):
+        if not len(labels):  # synth_per_class=0, or no client classified anything right
             return
+        feats = torch.cat([p["synth_features"] for p in sets])
         private["text"].train()
         for _ in range(self.hp.text_steps):
             idx = torch.randint(len(labels), (min(self.hp.text_batch_size, len(labels)),), generator=rng)

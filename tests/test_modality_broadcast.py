@@ -314,3 +314,9 @@ def test_runs_on_an_open_clip_vit_with_text_lora_on_its_top_block(blobs_task):
     assert 0 <= last["global_acc"] <= 1 and last["client_acc_mean"] is not None
     assert last["server"]["text_lora_params"] > 0 and last["server"]["synth_samples"] >= 0
     assert record["metrics"]["final"]["trainable_params"] > 0
+
+
+def test_no_synthesized_set_leaves_the_text_alone(digits, world):
+    """synth_per_class=0: nothing to fine-tune the text on; the round runs and T stays put."""
+    out = federate(digits, world, rounds=1, synth_per_class=0)
+    assert out.rounds[-1]["server"]["synth_samples"] == 0 and out.rounds[-1]["server"]["text_loss"] is None
