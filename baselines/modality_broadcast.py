@@ -174,6 +174,11 @@ class ModalityBroadcast(Method):
         if not any(lora_layer_names(s) for s in stages.stages[len(stages) - hp.lora_layers:]):
             raise SpecError(f"{backbone.name}: its top {hp.lora_layers} image stages hold no linear, attention or "
                             f"convolution layer for LoRA; raise lora_layers or use another backbone")
+        top = stages.stages[len(stages) - hp.personal_layers:] if hp.personal_layers else []
+        if hp.personal_layers and not any(lora_layer_names(s) for s in top):
+            names = ", ".join(stages.names[len(stages) - hp.personal_layers:])
+            raise SpecError(f"personal_layers={hp.personal_layers}: the top stages of {backbone.name} ({names}) hold "
+                            f"no LoRA layer, so nothing would be personalised; raise personal_layers (and lora_layers)")
         if hp.text_steps:
             text = text_stages(backbone)
             if hp.text_lora_layers > len(text):

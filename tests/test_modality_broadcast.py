@@ -308,10 +308,14 @@ def test_runs_on_an_open_clip_vit_with_text_lora_on_its_top_block(blobs_task):
     """tiny-clip (a random-init open_clip ViT): LoRA in the top image blocks, the text tower cut
     into blocks on the server; one round runs end to end and sends what it should."""
     spec = resolve_spec("modality-broadcast", blobs_task, backbone="tiny-clip", rounds=1,
-                        sets={"lora_layers": "2", "text_lora_layers": "2"})
+                        sets={"lora_layers": "3", "personal_layers": "2", "text_lora_layers": "2"})
     record = execute(spec, None)
     last = record["metrics"]["rounds"][-1]
     assert 0 <= last["global_acc"] <= 1 and last["client_acc_mean"] is not None
+    # Its head stage (ln_post and a projection matrix) holds no LoRA layer: personalising only it is refused.
+    bad = resolve_spec("modality-broadcast", blobs_task, backbone="tiny-clip", rounds=1, sets={"personal_layers": "1"})
+    with pytest.raises(SpecError, match=r"personal_layers=1: the top stages of tiny-clip \(head\) hold no LoRA"):
+        execute(bad, None)
     assert last["server"]["text_lora_params"] > 0 and last["server"]["synth_samples"] >= 0
     assert record["metrics"]["final"]["trainable_params"] > 0
 
