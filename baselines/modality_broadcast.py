@@ -152,6 +152,27 @@ def query_weights(prototypes: Tensor, counts: Tensor, temperature: float) -> Ten
     return torch.softmax(sim / temperature, dim=1)
 
 
+def check_image_layers(hp: ModalityBroadcastHparams, backbone: str, stages: StagedTower) -> None:
+    """Refuse layer counts the image tower cannot honour, or that would adapt or personalise nothing."""
+    if hp.lora_layers > len(stages):
+        raise SpecError(f"lora_layers={hp.lora_layers}: the image tower of {backbone} has {len(stages)} "
+                        f"stages ({', '.join(stages.names)}); choose 1..{len(stages)}")
+    if not any(lora_layer_names(s) for s in stages.stages[len(stages) - hp.lora_layers:]):
+        raise SpecError(f"{backbone}: its top {hp.lora_layers} image stages hold no linear, attention or "
+                        f"convolution layer for LoRA; raise lora_layers or use another backbone")
+    personal = len(stages) - hp.personal_layers  # the first personal stage
+    if hp.personal_layers and not any(lora_layer_names(s) for s in stages.stages[personal:]):
+        names = ", ".join(stages.names[personal:])
+        raise SpecError(f"personal_layers={hp.personal_layers}: the top stages of {backbone} ({names}) hold "
+                        f"no LoRA layer, so nothing would be personalised; raise personal_layers (and lora_layers)")
+
+
+def check_text_layers(hp: ModalityBroadcastHparams, backbone: str, stages: StagedTower) -> None:
+    if hp.text_lora_layers > len(stages):
+        raise SpecError(f"text_lora_layers={hp.text_lora_layers}: the text tower of {backbone} has "
+                        f"{len(stages)} stages ({', '.join(stages.names)}); choose 1..{len(stages)}")
+
+
 @register_method(
     "modality-broadcast",
     description="FedAlign: server text encoder + LoRA image encoders, query-aggregated personal LoRA",
@@ -167,30 +188,16 @@ class ModalityBroadcast(Method):
 
     @classmethod
     def check_backbone(cls, hp: ModalityBroadcastHparams, backbone: Any) -> None:
-        stages = image_stages(backbone)
-        if hp.lora_layers > len(stages):
-            raise SpecError(f"lora_layers={hp.lora_layers}: the image tower of {backbone.name} has {len(stages)} "
-                            f"stages ({', '.join(stages.names)}); choose 1..{len(stages)}")
-        if not any(lora_layer_names(s) for s in stages.stages[len(stages) - hp.lora_layers:]):
-            raise SpecError(f"{backbone.name}: its top {hp.lora_layers} image stages hold no linear, attention or "
-                            f"convolution layer for LoRA; raise lora_layers or use another backbone")
-        top = stages.stages[len(stages) - hp.personal_layers:] if hp.personal_layers else []
-        if hp.personal_layers and not any(lora_layer_names(s) for s in top):
-            names = ", ".join(stages.names[len(stages) - hp.personal_layers:])
-            raise SpecError(f"personal_layers={hp.personal_layers}: the top stages of {backbone.name} ({names}) hold "
-                            f"no LoRA layer, so nothing would be personalised; raise personal_layers (and lora_layers)")
+        check_image_layers(hp, backbone.name, image_stages(backbone))
         if hp.text_steps:
-            text = text_stages(backbone)
-            if hp.text_lora_layers > len(text):
-                raise SpecError(f"text_lora_layers={hp.text_lora_layers}: the text tower of {backbone.name} has "
-                                f"{len(text)} stages ({', '.join(text.names)}); choose 1..{len(text)}")
+            check_text_layers(hp, backbone.name, text_stages(backbone))
 
     def __init__(self, hp: ModalityBroadcastHparams, ctx: RunContext) -> None:
         super().__init__(hp, ctx)
         if ctx.backbone is None or ctx.text_features is None:
             raise SpecError("modality-broadcast needs a CLIP-style backbone (--backbone NAME)")
-        self.check_backbone(hp, ctx.backbone)
         self.tower = image_stages(ctx.backbone).to(ctx.device).eval()  # eval: BatchNorm statistics stay frozen
+        check_image_layers(hp, ctx.backbone.name, self.tower)
         self.first = len(self.tower) - hp.lora_layers  # lowest adapted stage; below it all is frozen
         self.split = len(self.tower) - hp.personal_layers  # stages >= split are personalised
         self.lora = add_stage_lora(self.tower, self.first, hp.lora_rank)
@@ -219,6 +226,7 @@ class ModalityBroadcast(Method):
             seed = int(torch.randint(2**62, (1,), generator=server.rng))
             with seeded_global_rng(seed, server.device):  # the text LoRA's A init
                 text = text_stages(self.ctx.backbone).to(server.device).eval()
+                check_text_layers(self.hp, self.ctx.backbone.name, text)
                 first = len(text) - self.hp.text_lora_layers
                 names = add_stage_lora(text, first, self.hp.lora_rank)
             tokens = self.ctx.backbone.tokenize(self.ctx.prompts).to(server.device)

@@ -44,7 +44,7 @@ def _client_round_seconds(method: str, backbone, dataset, text, **options) -> tu
     ("modality-broadcast", {}),
     ("fedavg", {"trainable": "lora", "local_epochs": 1}),
 ])
-def test_activation_cache_speedup(benchmark, method, options):
+def test_activation_cache_speedup(benchmark, monkeypatch, method, options):
     from fedbench.models.backbones import create_backbone
 
     backbone = create_backbone("digits-clip")
@@ -55,12 +55,8 @@ def test_activation_cache_speedup(benchmark, method, options):
         from fedbench.models.clip import FrozenStages
 
         cached, encode = _client_round_seconds(method, backbone, dataset, text, **options)
-        budget = FrozenStages.MAX_CACHE_BYTES
-        FrozenStages.MAX_CACHE_BYTES = 0
-        try:
-            full, _ = _client_round_seconds(method, backbone, dataset, text, **options)
-        finally:
-            FrozenStages.MAX_CACHE_BYTES = budget
+        monkeypatch.setattr(FrozenStages, "MAX_CACHE_BYTES", 0)  # no cache: the frozen stages run every step
+        full, _ = _client_round_seconds(method, backbone, dataset, text, **options)
     else:
         cached, encode = _client_round_seconds(method, backbone, dataset, text, **options)
         full, _ = _client_round_seconds(method, backbone, dataset, text, cache_activations=False, **options)

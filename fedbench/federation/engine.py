@@ -9,10 +9,9 @@ private state (the cohort hook), sends the uploads back through the channel to t
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,8 +70,8 @@ class RunOutput:
     trainable_params: int
     trains: bool
     encode_seconds: float = 0.0  # the method's one-off encode_inputs
-    client_seconds: list[float] = dataclasses.field(default_factory=list)  # per round: client updates
-    server_seconds: list[float] = dataclasses.field(default_factory=list)  # per round: configure + aggregate
+    client_seconds: list[float] = field(default_factory=list)  # per round: client updates
+    server_seconds: list[float] = field(default_factory=list)  # per round: configure + aggregate
 
 
 def run_federation(

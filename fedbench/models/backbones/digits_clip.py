@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from fedbench.errors import SpecError
 from fedbench.models.backbones.base import Backbone, weights_fingerprint
-from fedbench.models.backbones.offline_pair_towers import load_minilm, minilm_sentence, minilm_tokens
+from fedbench.models.backbones.offline_pair_towers import MiniLMSentence, load_minilm, minilm_sentence, minilm_tokens
 from fedbench.models.pretrained import BuildRequest, locate, register_pretrained
 
 NAME = "digits-clip"
@@ -183,18 +183,7 @@ class DigitsTextTower(nn.Module):
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """MiniLM sentence embedding (tokens -> unit 384-d), then the trained projection."""
-        return [("minilm", _Sentence(self)), ("proj", self.proj)]
-
-
-class _Sentence(nn.Module):
-    def __init__(self, tower: DigitsTextTower) -> None:
-        super().__init__()
-        self.bert, self.pad_id = tower.bert, tower.pad_id
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return F.normalize(minilm_sentence(self.bert, tokens, self.pad_id), dim=-1)
-
-
+        return [("minilm", MiniLMSentence(self.bert, self.pad_id, normalize=True)), ("proj", self.proj)]
 
 
 class DigitsClipBackbone(Backbone):

@@ -17,6 +17,7 @@ from fedbench.errors import SpecError
 from fedbench.models.backbones.base import Backbone, weights_fingerprint
 from fedbench.models.backbones.offline_pair_heads import OfflineImageTower, RidgeProjection, SoftLabelBridge, fit_ridge
 from fedbench.models.backbones.offline_pair_towers import (
+    MiniLMSentence,
     load_efficientnet_lite0,
     load_minilm,
     minilm_sentence,
@@ -162,17 +163,6 @@ class OfflinePairBackbone(Backbone):
             fitted["weight"] = w.contiguous()
         _write_fitted(path, fitted, recipe)
         return fitted
-
-
-class MiniLMSentence(nn.Module):
-    """tokens -> mean-pooled MiniLM sentence embedding (``minilm_sentence``), as a module."""
-
-    def __init__(self, bert: nn.Module, pad_id: int) -> None:
-        super().__init__()
-        self.bert, self.pad_id = bert, pad_id
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return minilm_sentence(self.bert, tokens, self.pad_id)
 
 
 def offline_pair_backbone(

@@ -95,6 +95,18 @@ def minilm_sentence(model: nn.Module, tokens: torch.Tensor, pad_id: int) -> torc
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+class MiniLMSentence(nn.Module):
+    """tokens -> :func:`minilm_sentence` as a module (a tower stage), L2-normalised if ``normalize``."""
+
+    def __init__(self, bert: nn.Module, pad_id: int, normalize: bool = False) -> None:
+        super().__init__()
+        self.bert, self.pad_id, self.normalize = bert, pad_id, normalize
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = minilm_sentence(self.bert, tokens, self.pad_id)
+        return torch.nn.functional.normalize(out, dim=-1) if self.normalize else out
+
+
 @contextmanager
 def hub_offline() -> Iterator[None]:
     """Hub offline mode while a packaged local folder loads, and only then.
