@@ -3,4 +3,4 @@
 ``label_skew`` and ``domain_shift`` hold the protocols that the task files share.
 """
 
-from fedbench.tasks import cifar, domainnet, mnist, pacs, rotated_mnist  # noqa: F401
+from fedbench.tasks import cifar, domainnet, glimpse_mnist, mnist, pacs, rotated_mnist  # noqa: F401

@@ -14,7 +14,7 @@ from fedbench.board.validate import Validation
 
 # What a row aggregates over its seeds (each a :class:`Summary` in ``Row.stats``).
 ACCURACY_STATS = ("headline", "headline_best_val", "global_acc", "heldout_acc_mean", "client_acc_mean",
-                  "client_acc_worst")
+                  "client_acc_worst", "class_acc_worst", "class_acc_std", "modality_acc_worst")
 STAT_NAMES = (*ACCURACY_STATS, "total_bytes", "bytes_per_round", "trainable_params", "wall_seconds")
 
 

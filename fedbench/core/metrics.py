@@ -56,6 +56,12 @@ CLIENT_ACC_MEAN = Metric("client_acc_mean", (*LAST, "client_acc_mean"), True,
 CLIENT_ACC_WEIGHTED = Metric("client_acc_weighted", (*LAST, "client_acc_weighted"), True,
                              "client test accuracy weighted by client test size")
 CLIENT_ACC_WORST = Metric("client_acc_worst", (*LAST, "client_acc_worst"), True, "the worst client's test accuracy")
+CLASS_ACC_WORST = Metric("class_acc_worst", (*LAST, "class_acc_worst"), True,
+                         "the worst class's accuracy on the pooled test set (global model), last round")
+CLASS_ACC_STD = Metric("class_acc_std", (*LAST, "class_acc_std"), False,
+                       "spread of per-class accuracy on the pooled test set (std over classes), last round")
+MODALITY_ACC_WORST = Metric("modality_acc_worst", (*LAST, "modality_acc_worst"), True,
+                            "pooled-test accuracy from the weakest modality alone (multi-modal methods), last round")
 GLOBAL_LOSS = Metric("global_loss", (*LAST, "global_loss"), False,
                      "cross-entropy of the global model on the pooled test set, last round", "loss")
 UP_BYTES = Metric("up_bytes", ("comm", "up_bytes"), False, "bytes sent client->server, whole run (measured)",
@@ -79,6 +85,9 @@ BUILTIN_METRICS: dict[str, Metric] = {m.name: m for m in [
     CLIENT_ACC_MEAN.at_best_val("mean client test accuracy at the best-validation round"),
     CLIENT_ACC_WEIGHTED,
     CLIENT_ACC_WORST,
+    CLASS_ACC_WORST,
+    CLASS_ACC_STD,
+    MODALITY_ACC_WORST,
     GLOBAL_LOSS,
     UP_BYTES,
     DOWN_BYTES,

@@ -70,6 +70,10 @@ class FederatedDataset:
     # Train-time augmentation for pixel models ("crop-flip": pad 4 + random crop + h-flip), or None.
     train_augment: str | None = None
     partition_stats: dict[str, Any] = field(default_factory=dict)
+    # Further modalities of the same samples, row-aligned with ``images`` (uint8, same layout), by
+    # name: e.g. {"glimpse": a degraded copy}. Empty for one-modality tasks. Methods that take one
+    # input see ``images``; a method whose ``uses_views`` is true sees every modality.
+    views: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -77,6 +81,11 @@ class FederatedDataset:
 
     def prompts(self) -> list[str]:
         return [self.prompt_template.format(name) for name in self.class_names]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """``("image", *views)``: the order a multi-modal method's inputs are stacked in."""
+        return ("image", *self.views)
 
     def fingerprint(self) -> str:
         """Hash of the pool (pixels and labels) and of every split: same data, same partition."""
@@ -91,6 +100,9 @@ class FederatedDataset:
         for name in sorted(self.heldout):
             h.update(name.encode())
             h.update(self.heldout[name].numpy().astype(np.int64).tobytes())
+        for name in sorted(self.views):  # none on one-modality tasks: their fingerprints are unchanged
+            h.update(b"view:" + name.encode())
+            h.update(pixels_fingerprint(self.views[name]).encode())
         return h.hexdigest()[:16]
 
     def client_data(self, inputs: Tensor) -> list[ClientData]:
@@ -147,6 +159,9 @@ class Task:
     # The backbone a CLIP-style method uses on this task when --backbone is not given
     # (None: fedbench's offline default).
     default_backbone: ClassVar[str | None] = None
+    # The modalities each sample carries (what ``FederatedDataset.modalities`` will say), known
+    # before any data is read so that a method can refuse a task that lacks what it needs.
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
 
     def load(self, options: Any, seed: int) -> FederatedDataset:
         raise NotImplementedError

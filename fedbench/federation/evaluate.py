@@ -47,6 +47,32 @@ class Evaluator:
         lg, y = logits[pos[idx]], self.labels[idx]
         return (lg.argmax(1) == y).double().mean().item(), F.cross_entropy(lg.float(), y).item()
 
+    def _class_scores(self, logits: Tensor) -> dict[str, Any]:
+        """Each class's accuracy on the pooled test set, its worst and its spread (population std
+        over the classes present): the fairness a class-balanced method aims at."""
+        idx = self.dataset.global_test
+        if len(idx) == 0:
+            return {}
+        y = self.labels[idx]
+        hit = (logits[self.pos[idx]].argmax(1) == y).double()
+        counts = torch.bincount(y, minlength=self.dataset.num_classes).double()
+        acc = torch.bincount(y, weights=hit, minlength=self.dataset.num_classes) / counts.clamp(min=1)
+        present = acc[counts > 0]
+        per_class = zip(acc.tolist(), counts.tolist(), strict=True)
+        return {"class_acc": [rounded(a) if n > 0 else None for a, n in per_class],
+                "class_acc_worst": rounded(present.min().item()),
+                "class_acc_std": rounded(present.std(unbiased=False).item())}
+
+    def _modality_scores(self, model: Payload) -> dict[str, Any]:
+        """The global model's pooled-test accuracy from each modality alone, where the method can say."""
+        idx = self.dataset.global_test
+        per_modality = self.method.modality_logits(model, self.inputs[idx]) if len(idx) else {}
+        if not per_modality:
+            return {}
+        y = self.labels[idx]
+        acc = {name: rounded((lg.argmax(1) == y).double().mean().item()) for name, lg in per_modality.items()}
+        return {"modality_acc": acc, "modality_acc_worst": min(acc.values())}
+
     def __call__(self, global_model: Payload | None, client_states: dict[int, Payload]) -> dict[str, Any]:
         ds, m = self.dataset, self.method
         out: dict[str, Any] = {}
@@ -55,6 +81,8 @@ class Evaluator:
             global_logits = m.predict(global_model, self.inputs[self.eval_idx])
             out["global_acc"], out["global_loss"] = map(rounded, self._scores(global_logits, self.pos, ds.global_test))
             out["val_acc"] = rounded(self._scores(global_logits, self.pos, self.val_idx)[0])
+            out.update(self._class_scores(global_logits))
+            out.update(self._modality_scores(global_model))
             if ds.heldout:
                 held = {d: rounded(self._scores(global_logits, self.pos, i)[0]) for d, i in sorted(ds.heldout.items())}
                 out["heldout_acc"] = held

@@ -27,6 +27,7 @@ Client side (one object serving every client in turn, sees one client at a time)
   engine-level batched implementation may train many clients at once)
 - ``personal_model(client_state, global_model)`` -> the payload a client is scored with
 - ``predict(model, x)``                         -> logits of ``x`` under a payload
+- ``modality_logits(model, x)``                 -> logits from each modality alone (multi-modal methods)
 
 Every message crosses :class:`fedbench.federation.channel.Channel`, which serialises it and counts
 its bytes, so anything a method wants to send must be a tensor in the payload.
@@ -66,6 +67,9 @@ class RunContext:
     train_augment: str | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Names of the inputs' modality axis ([N, M, D] features) for a method whose ``uses_views``
+    # is true; ("image",) otherwise.
+    modalities: tuple[str, ...] = ("image",)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,17 @@ class Method:
         return cls.input_kind(hp) == "features"
 
     @classmethod
+    def uses_views(cls, hp: Any) -> bool:
+        """True: on a multi-modal task the inputs are every modality's features stacked, [N, M, D]
+        (``RunContext.modalities`` names them); False: the first modality (the image) only."""
+        return False
+
+    @classmethod
+    def check_task(cls, hp: Any, task: Any) -> None:
+        """Refuse a task (its class: ``task.modalities`` and friends) these options cannot run on
+        (raise SpecError); called when the spec is resolved, before any data is read."""
+
+    @classmethod
     def check_backbone(cls, hp: Any, backbone: Any) -> None:
         """Refuse options the backbone cannot honour (raise SpecError); called before any data is read."""
 
@@ -204,6 +219,10 @@ class Method:
 
     def predict(self, model: Payload, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def modality_logits(self, model: Payload, x: Tensor) -> dict[str, Tensor]:
+        """Logits from each modality alone, by name (scored as ``modality_acc``); {}: not separable."""
+        return {}
 
     def trainable_parameters(self) -> int:
         """Number of trained parameters on one client (reported in every record)."""

@@ -47,6 +47,7 @@ def resolve_spec(
         task_opts["clients"] = clients
     hp = options_from(method_cls.Hparams, method_opts, f"method {method!r}")
     topts = options_from(task_cls.Options, task_opts, f"task {task!r}")
+    method_cls.check_task(hp, task_cls)
     if rounds is None:
         rounds = method_cls.default_rounds or task_cls.default_rounds
     if rounds <= 0:
@@ -78,7 +79,8 @@ def _best_val(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 EVAL_KEYS = ("global_acc", "global_loss", "val_acc", "heldout_acc", "heldout_acc_mean",
-             "client_acc_mean", "client_acc_weighted", "client_acc_worst", "round")
+             "client_acc_mean", "client_acc_weighted", "client_acc_worst", "class_acc", "class_acc_worst",
+             "class_acc_std", "modality_acc", "modality_acc_worst", "round")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,6 +140,10 @@ def execute(
     t_data = time.perf_counter()
 
     text_features, inputs = None, dataset.images
+    modalities = dataset.modalities if method_cls.uses_views(hp) else ("image",)
+    if len(modalities) > 1 and (backbone is None or method_cls.input_kind(hp) != "features"):
+        raise SpecError(f"method {spec.method!r} takes every modality of {spec.task!r} but not as backbone "
+                        f"features: multi-modal inputs are frozen features only; give it a backbone")
     if backbone is not None:
         from fedbench.models.cache import FeatureCache
 
@@ -145,6 +151,8 @@ def execute(
         text_features = cache.text_features(backbone, dataset.prompts())
         if method_cls.input_kind(hp) == "features":
             inputs = cache.features(backbone, dataset.images)
+            if len(modalities) > 1:  # [N, M, D]: each modality encoded (and cached) on its own
+                inputs = torch.stack([inputs, *(cache.features(backbone, v) for v in dataset.views.values())], 1)
     t_inputs = time.perf_counter()
 
     ctx = RunContext(
@@ -152,7 +160,7 @@ def execute(
         num_clients=len(dataset.clients), input_kind=method_cls.input_kind(hp),
         input_shape=tuple(inputs.shape[1:]), backbone=backbone, text_features=text_features,
         pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std, train_augment=dataset.train_augment,
-        seed=spec.seed, device=run_device,
+        seed=spec.seed, device=run_device, modalities=modalities,
     )
     out = run_federation(method_cls, hp, ctx, dataset, inputs, rounds=spec.rounds, sample=spec.sample,
                          eval_every=spec.eval_every, on_round=on_round)
