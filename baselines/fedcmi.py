@@ -30,8 +30,9 @@ Our design (each a field of :class:`FedCMIHparams`):
 
 Per round t, for every sampled client k:
   server:   send theta_t = (P_d, P_s, P_i, g), the prototypes Pi_t and the temperatures tau_t
-  client k: E epochs of Adam on
-              CE(g(P_d(d) + P_s(w)), y)                                  (local labels; no P_d in text-image)
+  client k: E epochs of Adam on (no P_d in text-image)
+              CE(g(P_d(d) + P_s(w) + P_i(w)), y)                         (the fused model, local labels)
+            + CE(g(P_s(w)), y)                                           (Self-Projector, local labels alone)
             + kd_weight tau_y^2 KL(softmax(t / tau_y) || softmax(g(P_i(w)) / tau_y))   (infiltration)
             + (mu / 2) ||theta - theta_t||^2                              (proximal)
             send theta_k, per-class sums of the validation confidence, and (two-view) per-class
@@ -39,7 +40,8 @@ Per round t, for every sampled client k:
   server:   theta_{t+1} = sum_k n_k theta_k / sum_k n_k; Pi_{t+1} from the latest class sums of
             every client seen; tau_{t+1} from the round's validation confidences
   predict:  g(P_d(d) + P_s(w) + P_i(w)); each modality alone: g(P_d(d)), g(P_s(w) + P_i(w))
-``infiltration=False`` drops P_i (the ablation; with ``mu=0`` it is FedAvg of the joint model).
+``infiltration=False`` drops P_i and its term (the ablation): the joint model with the weak
+modality's own loss; ``mu=0`` drops the proximal term.
 """
 
 from __future__ import annotations
@@ -189,23 +191,26 @@ class FedCMI(Method):
         load_state(self.model, weights)
         dominant, weak = self.split(data.train.x)
         y = data.train.y
-        anchor = self.dominant_of(dominant, y)
-        proto_sum = torch.zeros(self.num_classes, anchor.shape[1], device=y.device).index_add_(0, y, anchor)
-        proto_count = torch.bincount(y, minlength=self.num_classes).float()
-        # Classes the server has no prototype for yet: this client's own class means (or zero).
-        local = F.normalize(proto_sum / proto_count.clamp(min=1)[:, None], dim=-1)
-        known = received["prototype_known"][:, None] > 0
-        prototypes = F.normalize(torch.where(known, received["prototypes"], local), dim=-1)
-        teacher = self.scale * anchor @ prototypes.T  # t_c = s cos(d, Pi_c)
+        teacher, proto_sum, proto_count = self.teacher_logits(received, dominant, y)
         loss = self.train_epochs(dominant, weak, y, teacher, received["tau"], weights, client.rng)
         upload = {**state_of(self.model), **self.val_confidence(data)}
         if self.two_view:
             upload.update(proto_sum=proto_sum, proto_count=proto_count)
         return ClientResult(upload=upload, num_samples=len(data.train), train_loss=loss)
 
-    def dominant_of(self, dominant: Tensor | None, y: Tensor) -> Tensor:
-        """d: the dominant modality's representation of each sample (its feature, or its class prompt's)."""
-        return dominant if dominant is not None else self.text[y]
+    def teacher_logits(self, received: Payload, dominant: Tensor | None, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """t = s cos(d, Pi) for each training sample, and the client's per-class sums of d and counts.
+
+        d is the dominant modality's representation of a sample: its feature (two-view) or its class
+        prompt's embedding (text-image). A class the server has no prototype for yet takes this
+        client's own mean of d (zero where the client has none either)."""
+        anchor = dominant if dominant is not None else self.text[y]
+        proto_sum = torch.zeros(self.num_classes, anchor.shape[1], device=y.device).index_add_(0, y, anchor)
+        proto_count = torch.bincount(y, minlength=self.num_classes).float()
+        local = proto_sum / proto_count.clamp(min=1)[:, None]
+        known = received["prototype_known"][:, None] > 0
+        prototypes = F.normalize(torch.where(known, received["prototypes"], local), dim=-1)
+        return self.scale * anchor @ prototypes.T, proto_sum, proto_count
 
     def train_epochs(self, dominant: Tensor | None, weak: Tensor, y: Tensor, teacher: Tensor, tau: Tensor,
                      anchors: Payload, rng: torch.Generator) -> float:
@@ -218,22 +223,30 @@ class FedCMI(Method):
             order = torch.randperm(len(y), generator=rng).to(y.device)
             for start in range(0, len(y), self.hp.batch_size):
                 idx = order[start : start + self.hp.batch_size]
-                heads = self.model.heads(None if dominant is None else dominant[idx], weak[idx])
-                fused = self.model.classifier(sum(heads.values()))
-                loss = F.cross_entropy(fused, y[idx]) + F.cross_entropy(self.model.classifier(heads["self"]), y[idx])
-                if "infiltration" in heads:
-                    t = tau[y[idx]][:, None]  # each sample distilled at its class's temperature
-                    student = F.log_softmax(self.model.classifier(heads["infiltration"]) / t, dim=1)
-                    target = F.softmax(teacher[idx] / t, dim=1)
-                    kd = (F.kl_div(student, target, reduction="none").sum(1) * t.squeeze(1) ** 2).mean()
-                    loss = loss + self.hp.kd_weight * kd
-                if self.hp.mu:
-                    loss = loss + (self.hp.mu / 2) * sum(((params[k] - anchors[k]) ** 2).sum() for k in params)
+                batch_dominant = None if dominant is None else dominant[idx]
+                terms = self.loss_terms(batch_dominant, weak[idx], y[idx], teacher[idx], tau, params, anchors)
+                loss = sum(terms.values())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
         return sum(losses) / len(losses) if losses else float("nan")
+
+    def loss_terms(self, dominant: Tensor | None, weak: Tensor, y: Tensor, teacher: Tensor, tau: Tensor,
+                   params: dict[str, Tensor], anchors: Payload) -> dict[str, Tensor]:
+        """One batch's client loss, term by term (their sum is minimised)."""
+        heads = self.model.heads(dominant, weak)
+        g = self.model.classifier
+        terms = {"fused": F.cross_entropy(g(sum(heads.values())), y),  # the multi-modal model on local labels
+                 "self": F.cross_entropy(g(heads["self"]), y)}  # the Self-Projector on local labels alone
+        if "infiltration" in heads:  # distilled toward the dominant modality, each sample at its class's tau
+            t = tau[y][:, None]
+            student = F.log_softmax(g(heads["infiltration"]) / t, dim=1)
+            kl = F.kl_div(student, F.softmax(teacher / t, dim=1), reduction="none").sum(1)
+            terms["infiltration"] = self.hp.kd_weight * (kl * t.squeeze(1) ** 2).mean()
+        if self.hp.mu:
+            terms["proximal"] = (self.hp.mu / 2) * sum(((params[k] - anchors[k]) ** 2).sum() for k in params)
+        return terms
 
     def val_confidence(self, data: ClientData) -> Payload:
         """Per-class sums of p(true class) on the validation split: the server's fairness signal."""

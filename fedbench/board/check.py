@@ -75,6 +75,7 @@ SUITES: dict[str, list[Case]] = {
         Case("zero-shot", "rotated-mnist", _ROTATED_SMALL, rounds=1, backbone="digits-clip"),
         Case("fedclip", "rotated-mnist", _FEDCLIP_FAST, rounds=3, backbone="digits-clip"),
         Case("modality-broadcast", "rotated-mnist", _ROTATED_SMALL, rounds=3, backbone="digits-clip"),
+        Case("fedcmi", "rotated-mnist-glimpse", (*_ROTATED_SMALL, "mode=two-view"), rounds=3, backbone="digits-clip"),
     ],
 }
 REFERENCE_FOLDER = "ci"
