@@ -169,3 +169,26 @@ def test_method_code_identity_is_checked(results, drop, changes, expected):
     record = _respec(json.loads(_record(results).read_text()), drop, **changes)
     problems = check_record(record)
     assert any(expected in p for p in problems), problems
+
+
+def test_a_record_is_dirty_only_when_the_code_differs(tmp_path):
+    import subprocess
+
+    from fedbench.core.results import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "c")
+    clean = git_commit(tmp_path / "results")
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "results" / "r.json").write_text('{"rewritten": true}')  # a sweep rewrote a record
+    (tmp_path / "results" / "new.json").write_text("{}")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"
