@@ -138,3 +138,22 @@ def test_one_commit_is_listed_once(pristine, tmp_path):
 ])
 def test_short_commit(commit, short):
     assert short_commit(commit) == short
+
+
+def test_optional_columns_show_only_where_a_row_has_them(pristine, tmp_path):
+    """Per-class and per-modality columns appear in a table only when one of its rows reports them."""
+    for with_classes in (True, False):
+        root = tmp_path / str(with_classes)
+        for rec in _records(pristine):
+            if not with_classes:  # as a record made before per-class accuracy existed
+                for block in (*rec["metrics"]["rounds"], rec["metrics"]["final"]["last"],
+                              rec["metrics"]["final"]["best_val"]):
+                    for key in ("class_acc", "class_acc_worst", "class_acc_std"):
+                        block.pop(key, None)
+            write_record(rec, root)
+        write_leaderboard(root, root / "board")
+        header = next(line for line in (root / "board" / "README.md").read_text().splitlines()
+                      if line.startswith("| #"))
+        page = (root / "board" / "index.html").read_text()
+        assert ("worst class %" in header) == with_classes == ("worst class %</th>" in page)
+        assert "weakest modality %" not in header  # fedavg scores no modality alone

@@ -50,14 +50,15 @@ class Column:
     numeric: bool
     text: Callable[[Row], str]
     sort: Callable[[Row], Any]
+    optional: bool = False  # shown only in tables where some row has a value (metrics few methods report)
 
 
 def _text_column(header: str, text: Callable[[Row], str]) -> Column:
     return Column(header, False, text, text)
 
 
-def _stat_column(header: str, stat: str, fmt: Callable[[Summary], str]) -> Column:
-    return Column(header, True, lambda r: fmt(r.stats[stat]), lambda r: r.stats[stat].mean)
+def _stat_column(header: str, stat: str, fmt: Callable[[Summary], str], optional: bool = False) -> Column:
+    return Column(header, True, lambda r: fmt(r.stats[stat]), lambda r: r.stats[stat].mean, optional)
 
 
 def _bytes_column(header: str, stat: str) -> Column:
@@ -73,9 +74,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("n", True, seeds_text, lambda r: r.stats["headline"].n if r.kind == "measured" else None),
     _stat_column("best-val acc %", "headline_best_val", mean_std_percent),
     _stat_column("worst client %", "client_acc_worst", mean_std_percent),
-    _stat_column("worst class %", "class_acc_worst", mean_std_percent),
-    _stat_column("class spread %", "class_acc_std", mean_std_percent),
-    _stat_column("weakest modality %", "modality_acc_worst", mean_std_percent),
+    _stat_column("worst class %", "class_acc_worst", mean_std_percent, optional=True),
+    _stat_column("class spread %", "class_acc_std", mean_std_percent, optional=True),
+    _stat_column("weakest modality %", "modality_acc_worst", mean_std_percent, optional=True),
     _bytes_column("total bytes", "total_bytes"),
     _bytes_column("bytes / round", "bytes_per_round"),
     _stat_column("trainable params", "trainable_params", mean_count),
@@ -83,6 +84,11 @@ COLUMNS: tuple[Column, ...] = (
     _text_column("protocol", lambda r: r.protocol_hash or "published"),
     _text_column("commit", commits_text),
 )
+
+
+def columns_for(rows: list[Row]) -> list[Column]:
+    """The columns one table shows: every column, less the optional ones no row has a value for."""
+    return [c for c in COLUMNS if not c.optional or any(c.sort(r) is not None for r in rows)]
 
 
 def ranks(rows: list[Row]) -> list[int | None]:

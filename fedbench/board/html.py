@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedbench.board.cells import COLUMNS, ROWS_NOTE, Column, intro_line
+from fedbench.board.cells import ROWS_NOTE, Column, columns_for, intro_line
 from fedbench.board.rows import Board, Row, Table
 from fedbench.core.formatting import format_bytes
 
@@ -305,9 +305,10 @@ def _html_cell(column: Column, row: Row, color: str) -> str:
 
 
 def _html_table(table: Table, colors: Mapping[int, str]) -> str:
+    columns = columns_for(table.rows)
     head = "".join(f'<th data-type="{"num" if c.numeric else "text"}"{"" if c.numeric else _TEXT_CLASS} '
-                   f'scope="col">{_E(c.header)}</th>' for c in COLUMNS)
-    body = [f'<tr class="{_E(row.kind)}">' + "".join(_html_cell(c, row, colors[i]) for c in COLUMNS) + "</tr>"
+                   f'scope="col">{_E(c.header)}</th>' for c in columns)
+    body = [f'<tr class="{_E(row.kind)}">' + "".join(_html_cell(c, row, colors[i]) for c in columns) + "</tr>"
             for i, row in enumerate(table.rows)]
     return (f'<table class="board" id="table-{table.table_id}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')

@@ -15,14 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedbench.board.cells import COLUMNS, ROWS_NOTE, Column, intro_line, ranks
+from fedbench.board.cells import ROWS_NOTE, Column, columns_for, intro_line, ranks
 from fedbench.board.grouping import build_board, load_records
 from fedbench.board.html import FIGURES, render_html
 from fedbench.board.rows import STAT_NAMES, Board, Row
 from fedbench.core.results import atomic_write_text
 from fedbench.errors import ResultsError
-
-MARKDOWN_HEADERS = ("#", *(c.header for c in COLUMNS))
 
 
 def _markdown_cell(column: Column, row: Row) -> str:
@@ -38,8 +36,8 @@ def _markdown_cell(column: Column, row: Row) -> str:
     return column.text(row)
 
 
-def _markdown_cells(row: Row, rank: int | None) -> list[str]:
-    return ["—" if rank is None else str(rank), *(_markdown_cell(c, row) for c in COLUMNS)]
+def _markdown_cells(row: Row, rank: int | None, columns: list[Column]) -> list[str]:
+    return ["—" if rank is None else str(rank), *(_markdown_cell(c, row) for c in columns)]
 
 
 def render_markdown(board: Board) -> str:
@@ -58,8 +56,10 @@ def render_markdown(board: Board) -> str:
         out += ["No records yet: run `fedbench sweep ...` or `fedbench run ...`.", ""]
     for table in board.tables:
         out += [f"## {table.label}", "", f"Task protocol `{table.table_id}`.", ""]
-        frame = pd.DataFrame([_markdown_cells(r, k) for r, k in zip(table.rows, ranks(table.rows), strict=True)],
-                             columns=list(MARKDOWN_HEADERS))
+        columns = columns_for(table.rows)
+        frame = pd.DataFrame([_markdown_cells(r, k, columns) for r, k in zip(table.rows, ranks(table.rows),
+                                                                             strict=True)],
+                             columns=["#", *(c.header for c in columns)])
         out += [frame.to_markdown(index=False, disable_numparse=True), ""]
         sources = sorted({r.source for r in table.rows if r.kind == "published" and r.source})
         out += [f"Published: {s}" for s in sources] + ([""] if sources else [])
