@@ -27,6 +27,9 @@ Our design (each a field of :class:`FedCMIHparams`):
   from per-class sums the clients upload), so lagging classes get softer targets; every class
   starts at ``tau``; ``temperature=fixed`` keeps ``tau`` throughout.
 - client: a fresh Adam every round; ``local_epochs`` shuffled passes in batches of ``batch_size``.
+  What it uploads beside the weights is per class, never per sample, but it is not nothing: the
+  confidence counts reveal its validation label histogram, and (two-view) the class sums of d its
+  training histogram and class means (the price of server-side prototypes and temperatures).
 
 Per round t, for every sampled client k:
   server:   send theta_t = (P_d, P_s, P_i, g), the prototypes Pi_t and the temperatures tau_t
