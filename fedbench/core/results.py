@@ -52,11 +52,15 @@ def umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a record is as readable as any file
@@ -78,6 +82,32 @@ def write_record(record: dict[str, Any], results_dir: str | Path) -> Path:
     except OSError as exc:
         raise ResultsError(f"could not write {path}: {exc}; pass --results-dir DIR to write elsewhere") from exc
     return path
+
+
+def write_image_grids(images: dict[str, Any], record_file: Path) -> dict[str, str]:
+    """Each uint8 batch [N, C, H, W] as one PNG grid beside the record (``<hash>.<name>.png``,
+    written atomically); returns name -> file name, for the record to list."""
+    import io
+    import math
+
+    from PIL import Image
+
+    out = {}
+    for name, batch in sorted(images.items()):
+        n, c, h, w = batch.shape
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        grid = batch.new_zeros((c, rows * (h + 2), cols * (w + 2)))
+        for i in range(n):
+            r, k = divmod(i, cols)
+            grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = batch[i]
+        pixels = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        path = record_file.with_name(f"{record_file.stem}.{name}.png")
+        atomic_write_bytes(path, buffer.getvalue())
+        out[name] = path.name
+    return out
 
 
 def _refuse_constant(name: str) -> None:

@@ -72,6 +72,8 @@ class RunOutput:
     encode_seconds: float = 0.0  # the method's one-off encode_inputs
     client_seconds: list[float] = field(default_factory=list)  # per round: client updates
     server_seconds: list[float] = field(default_factory=list)  # per round: configure + aggregate
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)  # the server's own stages
+    images: dict[str, Tensor] = field(default_factory=dict)  # grids the server shows (generated samples)
 
 
 def run_federation(
@@ -111,7 +113,7 @@ def run_federation(
 
     def output() -> RunOutput:
         return RunOutput(history, seconds, channel, client.trainable_parameters(), method_cls.trains,
-                         encode_seconds, client_seconds, server_seconds)
+                         encode_seconds, client_seconds, server_seconds, server.stage_seconds(), server.images())
 
     if not method_cls.trains:
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ Server side (one object, sees only messages):
 - ``aggregate(state, uploads, server)``         -> the new state, from the round's :class:`Message`\\ s
 - ``global_model(state)``                       -> the payload the global model is scored with
 - ``server_metrics(state)``                     -> extra deterministic numbers for the round's record
+- ``stage_seconds()`` / ``images()``            -> the server's stage timings; image grids saved beside the record
 
 Client side (one object serving every client in turn, sees one client at a time):
 
@@ -191,6 +192,14 @@ class Method:
 
     def server_metrics(self, state: ServerState) -> dict[str, Any]:
         """Numbers the server reports each round (a function of the run's seed: no wall times)."""
+        return {}
+
+    def stage_seconds(self) -> dict[str, list[float]]:
+        """Wall seconds of the server's own stages, per round, by name (recorded under ``timing``)."""
+        return {}
+
+    def images(self) -> dict[str, Tensor]:
+        """uint8 image batches [N, C, H, W] by name, saved as PNG grids beside the record."""
         return {}
 
     # --- client side ---------------------------------------------------------------------------

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from fedbench.core.registry import BACKBONES, METHODS, TASKS, method_identity
-from fedbench.core.results import check_writable, git_commit, machine, package_versions, write_record
+from fedbench.core.results import (
+    check_writable,
+    git_commit,
+    machine,
+    package_versions,
+    record_path,
+    write_image_grids,
+    write_record,
+)
 from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
 from fedbench.errors import SpecError
 from fedbench.federation.engine import run_federation
@@ -199,6 +207,8 @@ def execute(
             "inputs_seconds": round(t_inputs - t_data + out.encode_seconds, 4),
             "client_seconds": [round(s, 4) for s in out.client_seconds],
             "server_seconds": [round(s, 4) for s in out.server_seconds],
+            **({"server_stages": {k: [round(s, 4) for s in v] for k, v in out.stage_seconds.items()}}
+               if out.stage_seconds else {}),
             "total_seconds": round(time.perf_counter() - t_start, 4),
         },
         "provenance": {
@@ -213,5 +223,7 @@ def execute(
         },
     }
     if results_dir is not None:
+        if out.images:  # written first: a record never names a picture that is not there
+            record["images"] = write_image_grids(out.images, record_path(results_dir, spec))
         record["path"] = str(write_record(record, results_dir))
     return record

@@ -1,0 +1,152 @@
+"""FedMMKT (adaptation): bad inputs refused before data, no client image (or feature) leaves a
+client, the server's FedDF distillation and agreement weights, the generator fine-tuned only when
+asked, its metrics and image grids in the record, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+
+from fedbench.baselines.fedmmkt import FedMMKT, FedMMKTHparams, agreement_weights  # noqa: E402
+from fedbench.core.registry import TASKS  # noqa: E402
+from fedbench.errors import SpecError  # noqa: E402
+from fedbench.federation.channel import Channel  # noqa: E402
+from fedbench.harness.run import execute, resolve_spec  # noqa: E402
+from fedbench.models.digits_t2i import NAME  # noqa: E402
+from fedbench.models.pretrained import prepare  # noqa: E402
+
+TINY = {"samples_per_domain": "60", "synth_per_class": "1", "sampling_steps": "2", "eval_per_class": "1",
+        "generator_steps": "1", "local_epochs": "1", "distill_steps": "3"}
+
+
+@pytest.fixture(scope="module")
+def quick_generator(tmp_path_factory):
+    """A digits-t2i folder trained for 3 steps: the real architecture and loading code, seconds to build."""
+    return str(prepare(NAME, tmp_path_factory.mktemp("t2i") / NAME, seed=0, quick=True, progress=False))
+
+
+def run(tmp_path, quick_generator, rounds=2, results=True, **sets):
+    spec = resolve_spec("fedmmkt", "rotated-mnist", backbone="digits-clip", rounds=rounds,
+                        sets={**TINY, "generator": quick_generator, **sets})
+    return execute(spec, tmp_path / "results" if results else None, cache_dir=tmp_path / "cache")
+
+
+# --- bad inputs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"synth_per_class": "0"}, "synthetic set"),
+    ({"prompt_template": "a photo of a digit"}, "one '{}'"),
+    ({"prompt_template": "{} and {}"}, "one '{}'"),
+    ({"sampling_steps": "0"}, "sampling_steps"),
+    ({"generator_lr": "nan"}, "generator_lr"),
+])
+def test_bad_options_are_spec_errors(sets, message):
+    with pytest.raises(SpecError, match=message):
+        resolve_spec("fedmmkt", "rotated-mnist", backbone="digits-clip", sets=sets)
+
+
+def test_a_folder_that_is_not_a_diffusers_pipeline_fails_before_data(tmp_path, monkeypatch):
+    (tmp_path / "gen" / "unet").mkdir(parents=True)
+    (tmp_path / "gen" / "unet" / "weights.bin").write_bytes(b"not a model")
+    task = TASKS.get("rotated-mnist").obj
+    monkeypatch.setattr(task, "load", lambda *a, **k: pytest.fail("data was read"))
+    spec = resolve_spec("fedmmkt", "rotated-mnist", backbone="digits-clip", sets={"generator": str(tmp_path / "gen")})
+    with pytest.raises(SpecError, match="not a diffusers text-to-image folder.*unet/config.json"):
+        execute(spec, None)
+
+
+# --- the server's arithmetic ------------------------------------------------------------------------------
+
+
+def test_agreement_weights_are_the_ensembles_probability_of_the_prompts_class():
+    ensemble = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 1, 2])
+    expected = torch.stack([F.softmax(ensemble[i], 0)[y[i]] for i in range(3)])
+    assert torch.allclose(agreement_weights(ensemble, y, "weighted"), expected)
+    assert torch.equal(agreement_weights(ensemble, y, "unweighted"), torch.ones(3))
+
+
+# --- end to end with the tiny generator --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spied(tmp_path_factory, quick_generator):
+    """One short run with every message recorded."""
+    tmp = tmp_path_factory.mktemp("fedmmkt")
+    sent = {"up": [], "down": []}
+    up, down = Channel.up, Channel.down
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Channel, "up", lambda self, m, d: (sent["up"].append(m), up(self, m, d))[1])
+        mp.setattr(Channel, "down", lambda self, m, d: (sent["down"].append(m), down(self, m, d))[1])
+        record = run(tmp, quick_generator)
+    return record, sent, tmp
+
+
+def test_no_client_image_or_feature_leaves_a_client(spied):
+    record, sent, _ = spied
+    head_keys = {"linear.weight", "linear.bias"}
+    for m in sent["up"]:
+        assert set(m.payload) == head_keys | {"synth_logits"}
+        assert m.payload["synth_logits"].shape == (10, 10)  # one row per synthetic sample, not per own sample
+        assert all(v.dtype != torch.uint8 for v in m.payload.values())
+    for m in sent["down"]:  # the synthetic set travels as features of generated images, with labels
+        assert m.payload["synth_x"].shape == (10, 128) and m.payload["synth_y"].tolist() == list(range(10))
+
+
+def test_the_record_has_generator_metrics_stage_times_and_grids(spied):
+    record, _, tmp = spied
+    for r in record["metrics"]["rounds"]:
+        assert set(r["server"]) == {"generated_acc", "generated_clip_score", "synth_agreement"}
+        assert 0 <= r["server"]["generated_acc"] <= 1 and -1 <= r["server"]["generated_clip_score"] <= 1
+    stages = record["timing"]["server_stages"]
+    assert set(stages) == {"generation", "distillation", "generator_finetune", "generator_metrics"}
+    assert all(len(v) == 2 for v in stages.values())
+    folder = tmp / "results" / "rotated-mnist" / "fedmmkt"
+    assert set(record["images"]) == {"generated_first_round", "generated_last_round"}
+    from PIL import Image
+
+    for name in record["images"].values():
+        image = Image.open(folder / name)
+        assert image.mode == "L" and image.size[0] >= 28
+
+
+def test_fine_tuning_moves_the_generator_only_when_asked(tmp_path, quick_generator):
+    def scores(**sets):
+        spec = resolve_spec("fedmmkt", "rotated-mnist", backbone="digits-clip", rounds=3,
+                            sets={**TINY, "generator": quick_generator, **sets})
+        rounds = execute(spec, None, cache_dir=tmp_path)["metrics"]["rounds"]
+        return [r["server"]["generated_clip_score"] for r in rounds]
+
+    # Same generator, same noise: the same images every round; fine-tuned: they change.
+    assert len(set(scores(finetune="none"))) == 1
+    assert len(set(scores(generator_steps="3", generator_lr="0.01"))) == 3
+
+
+def test_lora_trains_only_the_adapters(quick_generator):
+    task = TASKS.get("rotated-mnist").obj
+    dataset = task().load(task.Options(samples_per_domain=30), 0)
+    from fedbench.federation.method import RunContext
+    from fedbench.models.backbones import create_backbone
+
+    digits = create_backbone("digits-clip")
+    ctx = RunContext(num_classes=10, class_names=list(dataset.class_names), prompts=dataset.prompts(),
+                     num_clients=len(dataset.clients), input_kind="features", input_shape=(128,), backbone=digits,
+                     text_features=digits.encode_text(dataset.prompts()))
+    method = FedMMKT(FedMMKTHparams(generator=quick_generator), ctx)
+    gen = method.load_generator()
+    trained = [n for n, p in gen["unet"].named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    full = FedMMKT(FedMMKTHparams(generator=quick_generator, generator_trainable="full"), ctx).load_generator()
+    assert all(p.requires_grad for p in full["unet"].parameters())
+    none = FedMMKT(FedMMKTHparams(generator=quick_generator, finetune="none"), ctx).load_generator()
+    assert none["optimizer"] is None
+
+
+def test_deterministic(tmp_path, quick_generator, spied):
+    again = run(tmp_path, quick_generator, results=False)
+    for a, b in zip(again["metrics"]["rounds"], spied[0]["metrics"]["rounds"], strict=True):
+        assert {k: v for k, v in a.items() if a[k] != b.get(k)} == {}
