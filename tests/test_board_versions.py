@@ -157,3 +157,23 @@ def test_optional_columns_show_only_where_a_row_has_them(pristine, tmp_path):
         page = (root / "board" / "index.html").read_text()
         assert ("worst class %" in header) == with_classes == ("worst class %</th>" in page)
         assert "weakest modality %" not in header  # fedavg scores no modality alone
+
+
+def test_a_records_image_grids_reach_the_page(pristine, tmp_path):
+    """Grids a record lists beside itself (a generator's samples) are copied next to the page and shown."""
+    from PIL import Image
+
+    records = _records(pristine)
+    for rec in records:
+        rec["images"] = {"generated_last_round": f"{rec['spec_hash']}.generated_last_round.png"}
+        path = write_record(rec, tmp_path / "results")
+        grid = path.parent / rec["images"]["generated_last_round"]
+        Image.new("L", (30, 30), color=rec["spec"]["seed"] * 100).save(grid)
+    write_leaderboard(tmp_path / "results", tmp_path / "board")
+    page = (tmp_path / "board" / "index.html").read_text()
+    low = min(records, key=lambda r: r["spec"]["seed"])  # one grid per row: its lowest seed's
+    copied = sorted((tmp_path / "board" / "generated").iterdir())
+    assert [p.name for p in copied] == [f"blobs-fedavg-{low['spec_hash']}.generated_last_round.png"]
+    assert Image.open(copied[0]).getpixel((0, 0)) == low["spec"]["seed"] * 100
+    assert f'src="generated/{copied[0].name}"' in page and "Generated images" in page
+    assert f"](generated/{copied[0].name})" in (tmp_path / "board" / "README.md").read_text()

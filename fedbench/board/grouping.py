@@ -108,7 +108,7 @@ def _options_text(options: Mapping[str, Any], defaults: Mapping[str, Any] | None
     return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
-def _row_label(spec: Mapping[str, Any]) -> str:
+def row_label(spec: Mapping[str, Any]) -> str:
     name = f"{spec['method']} {version_tag(spec.get('method_version', UNVERSIONED))}"
     opts = _options_text(spec["method_options"], _option_defaults("method", spec["method"]))
     return f"{name} ({opts})" if opts else name
@@ -165,7 +165,7 @@ def measured_row(records: list[Mapping[str, Any]]) -> Row:
     stats = {name: summarize(s[name] for s in per_record) for name in STAT_NAMES}
     commits = {short_commit((r.get("provenance") or {}).get("git_commit")) for r in records}
     return Row(
-        kind="measured", method=spec["method"], label=_row_label(spec), backbone=spec["backbone"],
+        kind="measured", method=spec["method"], label=row_label(spec), backbone=spec["backbone"],
         headline=headline, stats=stats, protocol_hash=protocol_hash(spec),
         protocol=protocol_of(spec), seeds=sorted(r["spec"]["seed"] for r in records),
         spec_hashes=sorted(r["spec_hash"] for r in records), curve=_curve(records, headline),

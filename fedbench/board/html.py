@@ -322,7 +322,7 @@ FIGURES = {
 }
 
 
-def render_html(board: Board, figures: list[str] = ()) -> str:
+def render_html(board: Board, figures: list[str] = (), generated: list[tuple[str, list[str]]] = ()) -> str:
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -349,6 +349,11 @@ def render_html(board: Board, figures: list[str] = ()) -> str:
         caption = _E(FIGURES[name])
         parts.append(f'<section class="figure"><h2>Figure</h2><img src="{_E(name)}" alt="{caption}" '
                      f'style="image-rendering: pixelated; width: 420px"><p class="note">{caption}</p></section>')
+    for caption, files in generated:  # a generator's samples, saved beside its record
+        images = "".join(f'<img src="{_E(f)}" alt="{_E(f)}" style="image-rendering: pixelated; width: 300px; '
+                         f'margin-right: 12px">' for f in files)
+        parts.append(f'<section class="figure"><h2>Generated images</h2>{images}'
+                     f'<p class="note">{_E(caption)}</p></section>')
     if board.published_not_shown:
         parts.append("<h2>Published numbers not shown</h2><ul>"
                      + "".join(f"<li>{_E(x)}</li>" for x in board.published_not_shown) + "</ul>")

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fedbench.board.cells import ROWS_NOTE, Column, columns_for, intro_line, ranks
-from fedbench.board.grouping import build_board, load_records
+from fedbench.board.grouping import build_board, load_records, row_label
 from fedbench.board.html import FIGURES, render_html
 from fedbench.board.rows import STAT_NAMES, Board, Row
-from fedbench.core.results import atomic_write_text
+from fedbench.core.results import atomic_write_bytes, atomic_write_text
 from fedbench.errors import ResultsError
 
 
@@ -121,10 +121,41 @@ def write_leaderboard(results_dir: str | Path = "results", out: str | Path = "le
     invalid = [replace(v, path=v.path.relative_to(root)) if v.path.is_relative_to(root) else v for v in invalid]
     board = build_board(records, invalid)
     out = Path(out)
+    generated = copy_record_images(records, out)
     written = []
-    for name, text in (("README.md", render_markdown(board)),
+    markdown = render_markdown(board) + "".join(
+        f"\n## Generated images\n\n{caption}\n\n" + " ".join(f"![{f}]({f})" for f in files) + "\n"
+        for caption, files in generated)
+    for name, text in (("README.md", markdown),
                        ("leaderboard.csv", board_frame(board).to_csv(index=False, lineterminator="\n")),
-                       ("index.html", render_html(board, [f for f in FIGURES if (out / f).is_file()]))):
+                       ("index.html", render_html(board, [f for f in FIGURES if (out / f).is_file()], generated))):
         atomic_write_text(out / name, text)
         written.append(out / name)
     return board, written
+
+
+def copy_record_images(records: list[tuple[Path, dict[str, Any]]], out: Path) -> list[tuple[str, list[str]]]:
+    """The image grids records list (a generator's samples), one record per method, task and options
+    (the lowest seed), copied under ``out/generated/`` so the page stands alone; (caption, files) each."""
+    chosen: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for path, record in records:
+        if not record.get("images"):
+            continue
+        spec = record["spec"]
+        key = (spec["task"], row_label(spec))
+        if key not in chosen or spec["seed"] < chosen[key][1]["spec"]["seed"]:
+            chosen[key] = (path, record)
+    shown = []
+    for (task, label), (path, record) in sorted(chosen.items()):
+        files = []
+        for file in sorted(record["images"].values()):
+            source = path.parent / file
+            if source.is_file():
+                target = Path("generated") / f"{task}-{record['spec']['method']}-{file}"
+                atomic_write_bytes(out / target, source.read_bytes())
+                files.append(target.as_posix())
+        if files:
+            names = ", ".join(sorted(record["images"]))
+            shown.append((f"{label} on {task}, seed {record['spec']['seed']}, {record['spec']['rounds']} rounds "
+                          f"({names}; record {record['spec_hash']}).", files))
+    return shown
