@@ -264,11 +264,7 @@ class FedMMKT(Method):
             idx = torch.randperm(len(x0), generator=rng)[: self.hp.generator_batch_size].to(device)
             t = torch.randint(0, len(alphas), (len(idx),), generator=rng).to(device)
             noise = torch.randn(x0[idx].shape, generator=rng).to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * x0[idx] + (1 - a).sqrt() * noise
-            eps = unet(noisy, t, encoder_hidden_states=context[idx]).sample
-            per_sample = ((eps - noise) ** 2).mean((1, 2, 3))
-            loss = (w[idx] * per_sample).sum() / w[idx].sum().clamp(min=1e-12)
+            loss = weighted_denoising_loss(unet, alphas, x0[idx], context[idx], w[idx], t, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -313,6 +309,15 @@ class FedMMKT(Method):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.head.parameters() if p.requires_grad)
+
+
+def weighted_denoising_loss(unet: Any, alphas_cumprod: Tensor, x0: Tensor, context: Tensor, weights: Tensor,
+                            t: Tensor, noise: Tensor) -> Tensor:
+    """sum_i w_i ||eps_i - eps_theta(sqrt(a) x0_i + sqrt(1 - a) eps_i, t_i, c_i)||^2 / sum_i w_i, a = a_t_i."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    eps = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample
+    per_sample = ((eps - noise) ** 2).mean((1, 2, 3))
+    return (weights * per_sample).sum() / weights.sum().clamp(min=1e-12)
 
 
 def agreement_weights(ensemble: Tensor, labels: Tensor, finetune: str) -> Tensor:

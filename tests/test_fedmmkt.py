@@ -150,3 +150,97 @@ def test_deterministic(tmp_path, quick_generator, spied):
     again = run(tmp_path, quick_generator, results=False)
     for a, b in zip(again["metrics"]["rounds"], spied[0]["metrics"]["rounds"], strict=True):
         assert {k: v for k, v in a.items() if a[k] != b.get(k)} == {}
+
+
+# --- the pieces, exactly ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(quick_generator):
+    """A client-side FedMMKT and FedAvg-head on one rotated-mnist world (features from digits-clip)."""
+    from fedbench.federation.method import RunContext
+    from fedbench.models.backbones import create_backbone
+
+    task = TASKS.get("rotated-mnist").obj
+    dataset = task().load(task.Options(samples_per_domain=60), 0)
+    digits = create_backbone("digits-clip")
+    features = digits.encode_image(dataset.images)
+    ctx = RunContext(num_classes=10, class_names=list(dataset.class_names), prompts=dataset.prompts(),
+                     num_clients=len(dataset.clients), input_kind="features", input_shape=(128,), backbone=digits,
+                     text_features=digits.encode_text(dataset.prompts()))
+    return ctx, dataset.client_data(features), features
+
+
+def test_weighted_denoising_loss_weights_each_sample(quick_generator):
+    from fedbench.baselines.fedmmkt import _alphas_cumprod, weighted_denoising_loss
+    from fedbench.models.digits_t2i import load_digits_t2i
+
+    unet, scheduler, encode = load_digits_t2i(quick_generator)
+    alphas = _alphas_cumprod(scheduler)
+    torch.manual_seed(0)
+    x0, noise = torch.rand(3, 1, 28, 28) * 2 - 1, torch.randn(3, 1, 28, 28)
+    context, t = encode(["one", "two", "three"]), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        each = [weighted_denoising_loss(unet, alphas, x0[i : i + 1], context[i : i + 1], torch.ones(1),
+                                        t[i : i + 1], noise[i : i + 1]) for i in range(3)]
+        a = alphas[t[1]]
+        eps = unet(a.sqrt() * x0[1:2] + (1 - a).sqrt() * noise[1:2], t[1:2], encoder_hidden_states=context[1:2]).sample
+        assert torch.allclose(each[1], ((eps - noise[1:2]) ** 2).mean(), rtol=1e-5)
+        w = torch.tensor([0.2, 0.0, 0.6])
+        weighted = weighted_denoising_loss(unet, alphas, x0, context, w, t, noise)
+    assert torch.allclose(weighted, (0.2 * each[0] + 0.6 * each[2]) / 0.8, rtol=1e-4)
+
+
+def test_feddf_distillation_moves_the_head_toward_the_ensemble(small, quick_generator):
+    ctx, _, features = small
+    method = FedMMKT(FedMMKTHparams(generator=quick_generator, distill_steps=30, distill_lr=0.01), ctx)
+    start = {k: v.clone() for k, v in method.head.state_dict().items()}
+    x = features[:40]
+    ensemble = torch.randn(40, 10) * 3
+
+    def kl(state):
+        method.head.load_state_dict(state)
+        with torch.no_grad():
+            return F.kl_div(F.log_softmax(method.head(x), 1), F.softmax(ensemble, 1), reduction="batchmean")
+
+    before = kl(start)
+    after = kl(method.distill({k: v.clone() for k, v in start.items()}, x, ensemble))
+    assert after < 0.7 * before
+    none = FedMMKT(FedMMKTHparams(generator=quick_generator, distill_steps=0), ctx)
+    assert all(torch.equal(none.distill(start, x, ensemble)[k], start[k]) for k in start)
+
+
+def test_the_client_adds_the_synthetic_term_to_fedavg_heads_update(small, quick_generator):
+    from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
+    from fedbench.federation.method import ClientContext, Message
+
+    ctx, clients, features = small
+    synth = {"synth_x": features[-10:], "synth_y": torch.arange(10)}
+
+    def update(method, payload):
+        client = ClientContext(0, 1, torch.Generator().manual_seed(5), torch.device("cpu"), 0)
+        return method.client_update(Message(payload, 0, 1), clients[0], None, client).upload
+
+    torch.manual_seed(1)
+    fedavg = FedAvg(FedAvgHparams(trainable="head"), ctx)
+    start = {k: v.clone() for k, v in fedavg.model.state_dict().items()}
+    plain = update(fedavg, dict(start))
+    for weight, same in ((0.0, True), (1.0, False)):
+        mmkt = FedMMKT(FedMMKTHparams(generator=quick_generator, synth_weight=weight), ctx)
+        up = update(mmkt, {**start, **synth})
+        assert up["synth_logits"].shape == (10, 10)
+        assert all(torch.equal(up[k], plain[k]) for k in plain) == same
+
+
+def test_the_server_averages_by_sample_count(small, quick_generator):
+    from fedbench.federation.method import Message, ServerContext, ServerState
+
+    ctx, _, features = small
+    method = FedMMKT(FedMMKTHparams(generator=quick_generator, distill_steps=0, finetune="none"), ctx)
+    keys = [k for k, _ in method.head.named_parameters()]
+    uploads = [Message({**{k: torch.full_like(v, float(i)) for k, v in method.head.named_parameters()},
+                        "synth_logits": torch.zeros(10, 10)}, i, 1, n) for i, n in ((1, 10), (3, 30))]
+    synth = {"synth_x": features[:10], "synth_y": torch.arange(10)}
+    state = ServerState(synth, {"generator": {}, "synth_images": None})
+    out = method.aggregate(state, uploads, ServerContext(1, torch.Generator(), torch.device("cpu")))
+    assert all(torch.allclose(out.broadcast[k], torch.full_like(out.broadcast[k], 2.5)) for k in keys)
