@@ -116,6 +116,10 @@ def check_generator_folder(folder: str) -> None:
     if missing:
         raise SpecError(f"generator={folder}: not a diffusers text-to-image folder (missing {', '.join(missing)}); "
                         f"give a folder with unet/ and scheduler/ (e.g. `fedbench prepare digits-t2i --out DIR`)")
+    if (path / "vae").is_dir() or (path / "text_encoder").is_dir():
+        raise SpecError(f"generator={folder}: a latent-diffusion pipeline (vae/, text_encoder/, e.g. Stable "
+                        f"Diffusion); fedmmkt drives pixel-space UNets conditioned on MiniLM, as digits-t2i. "
+                        f"Latent pipelines are not wired in yet")
 
 
 @register_method(

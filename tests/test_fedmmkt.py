@@ -59,6 +59,16 @@ def test_a_folder_that_is_not_a_diffusers_pipeline_fails_before_data(tmp_path, m
         execute(spec, None)
 
 
+def test_a_latent_diffusion_pipeline_is_refused_by_name(tmp_path):
+    from fedbench.baselines.fedmmkt import check_generator_folder
+
+    for part in ("unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / part).write_text("{}")
+    with pytest.raises(SpecError, match="latent-diffusion pipeline"):
+        check_generator_folder(str(tmp_path))
+
+
 # --- the server's arithmetic ------------------------------------------------------------------------------
 
 
