@@ -166,8 +166,13 @@ class FedMMKT(Method):
             unet = inject_adapter_in_model(config, unet)
         trained = [p for p in unet.parameters() if p.requires_grad] if self.hp.finetune != "none" else []
         optimizer = torch.optim.AdamW(trained, lr=self.hp.generator_lr) if trained else None
+        from diffusers import DDPMScheduler
+
         text = encode(self.prompts)
-        return {"unet": unet, "scheduler": scheduler, "text": text, "uncond": encode([""]), "optimizer": optimizer}
+        # The training noise schedule (the sampler's config), for the fine-tuning's forward process.
+        noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        return {"unet": unet, "scheduler": scheduler, "noise_scheduler": noise_scheduler, "text": text,
+                "uncond": encode([""]), "optimizer": optimizer}
 
     def generate(self, gen: dict[str, Any], per_class: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
         from fedbench.models.digits_t2i import generate
@@ -257,18 +262,16 @@ class FedMMKT(Method):
     def finetune_generator(self, gen: dict[str, Any], images: Tensor, labels: Tensor, weights: Tensor,
                            rng: torch.Generator) -> None:
         """``generator_steps`` AdamW steps on sum_i w_i ||eps - eps_theta(x_t, t, c_i)||^2 / sum_i w_i."""
-        unet, optimizer = gen["unet"], gen["optimizer"]
-        scheduler = gen["scheduler"]
+        unet, optimizer, noise_scheduler = gen["unet"], gen["optimizer"], gen["noise_scheduler"]
         device = unet.device
         x0 = images.to(device).float() / 127.5 - 1
         context, w = gen["text"][labels.cpu()].to(device), weights.to(device)
-        alphas = _alphas_cumprod(scheduler).to(device)
         unet.train()
         for _ in range(self.hp.generator_steps):
             idx = torch.randperm(len(x0), generator=rng)[: self.hp.generator_batch_size].to(device)
-            t = torch.randint(0, len(alphas), (len(idx),), generator=rng).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=rng).to(device)
             noise = torch.randn(x0[idx].shape, generator=rng).to(device)
-            loss = weighted_denoising_loss(unet, alphas, x0[idx], context[idx], w[idx], t, noise)
+            loss = weighted_denoising_loss(unet, noise_scheduler, x0[idx], context[idx], w[idx], t, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -315,11 +318,11 @@ class FedMMKT(Method):
         return sum(p.numel() for p in self.head.parameters() if p.requires_grad)
 
 
-def weighted_denoising_loss(unet: Any, alphas_cumprod: Tensor, x0: Tensor, context: Tensor, weights: Tensor,
+def weighted_denoising_loss(unet: Any, noise_scheduler: Any, x0: Tensor, context: Tensor, weights: Tensor,
                             t: Tensor, noise: Tensor) -> Tensor:
-    """sum_i w_i ||eps_i - eps_theta(sqrt(a) x0_i + sqrt(1 - a) eps_i, t_i, c_i)||^2 / sum_i w_i, a = a_t_i."""
-    a = alphas_cumprod[t].view(-1, 1, 1, 1)
-    eps = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=context).sample
+    """sum_i w_i ||eps_i - eps_theta(x_t_i, t_i, c_i)||^2 / sum_i w_i, x_t from the scheduler's ``add_noise``
+    (as digits-t2i was pretrained)."""
+    eps = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
     per_sample = ((eps - noise) ** 2).mean((1, 2, 3))
     return (weights * per_sample).sum() / weights.sum().clamp(min=1e-12)
 
@@ -330,9 +333,3 @@ def agreement_weights(ensemble: Tensor, labels: Tensor, finetune: str) -> Tensor
         return torch.ones(len(labels), device=ensemble.device)
     return F.softmax(ensemble, dim=1).gather(1, labels[:, None]).squeeze(1)
 
-
-def _alphas_cumprod(scheduler: Any) -> Tensor:
-    """The training noise schedule's cumulative alphas, from the scheduler's config (any diffusers scheduler)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(scheduler.config).alphas_cumprod.float()

@@ -182,22 +182,25 @@ def small(quick_generator):
 
 
 def test_weighted_denoising_loss_weights_each_sample(quick_generator):
-    from fedbench.baselines.fedmmkt import _alphas_cumprod, weighted_denoising_loss
+    from diffusers import DDPMScheduler
+
+    from fedbench.baselines.fedmmkt import weighted_denoising_loss
     from fedbench.models.digits_t2i import load_digits_t2i
 
     unet, scheduler, encode = load_digits_t2i(quick_generator)
-    alphas = _alphas_cumprod(scheduler)
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    alphas = noise_scheduler.alphas_cumprod
     torch.manual_seed(0)
     x0, noise = torch.rand(3, 1, 28, 28) * 2 - 1, torch.randn(3, 1, 28, 28)
     context, t = encode(["one", "two", "three"]), torch.tensor([10, 500, 900])
     with torch.no_grad():
-        each = [weighted_denoising_loss(unet, alphas, x0[i : i + 1], context[i : i + 1], torch.ones(1),
+        each = [weighted_denoising_loss(unet, noise_scheduler, x0[i : i + 1], context[i : i + 1], torch.ones(1),
                                         t[i : i + 1], noise[i : i + 1]) for i in range(3)]
         a = alphas[t[1]]
         eps = unet(a.sqrt() * x0[1:2] + (1 - a).sqrt() * noise[1:2], t[1:2], encoder_hidden_states=context[1:2]).sample
         assert torch.allclose(each[1], ((eps - noise[1:2]) ** 2).mean(), rtol=1e-5)
         w = torch.tensor([0.2, 0.0, 0.6])
-        weighted = weighted_denoising_loss(unet, alphas, x0, context, w, t, noise)
+        weighted = weighted_denoising_loss(unet, noise_scheduler, x0, context, w, t, noise)
     assert torch.allclose(weighted, (0.2 * each[0] + 0.6 * each[2]) / 0.8, rtol=1e-4)
 
 
