@@ -109,6 +109,28 @@ def test_two_view_mode_on_a_one_modality_task_fails_before_data(monkeypatch):
     resolve_spec("fedcmi", "rotated-mnist-glimpse", backbone="digits-clip", sets={"mode": "two-view"})
 
 
+def test_a_multi_modal_method_on_pixels_fails_before_data(monkeypatch):
+    """The harness stacks modalities as backbone features only: a method asking for every modality as
+    pixels is refused from the spec, before the task's data is read."""
+    from fedbench.baselines.fedavg import FedAvg
+    from fedbench.core.registry import METHODS, register_method
+
+    @register_method("views-on-pixels", description="test only", fidelity="reference", source="test")
+    class ViewsOnPixels(FedAvg):
+        @classmethod
+        def uses_views(cls, hp):
+            return True
+
+    task = TASKS.get("rotated-mnist-glimpse").obj
+    try:
+        spec = resolve_spec("views-on-pixels", "rotated-mnist-glimpse", rounds=1)
+        monkeypatch.setattr(task, "load", lambda *a, **k: pytest.fail("data was read"))
+        with pytest.raises(SpecError, match="frozen features only"):
+            execute(spec, None)
+    finally:
+        METHODS._entries.pop("views-on-pixels")
+
+
 def test_cli_exit_2_names_the_fix(tmp_path, capsys):
     from fedbench.cli.main import main
 

@@ -135,6 +135,10 @@ def execute(
     method_cls, task_cls = method_entry.obj, TASKS.get(spec.task).obj
     hp = method_cls.Hparams(**spec.method_options)
     topts = task_cls.Options(**spec.task_options)
+    if (method_cls.uses_views(hp) and len(task_cls.modalities) > 1
+            and (spec.backbone == "none" or method_cls.input_kind(hp) != "features")):
+        raise SpecError(f"method {spec.method!r} takes every modality of {spec.task!r} but not as backbone "
+                        f"features: multi-modal inputs are frozen features only; give it a backbone")
     backbone, backbone_fingerprint = None, None
     if spec.backbone != "none":
         from fedbench.models.backbones import create_backbone
@@ -149,9 +153,6 @@ def execute(
 
     text_features, inputs = None, dataset.images
     modalities = dataset.modalities if method_cls.uses_views(hp) else ("image",)
-    if len(modalities) > 1 and (backbone is None or method_cls.input_kind(hp) != "features"):
-        raise SpecError(f"method {spec.method!r} takes every modality of {spec.task!r} but not as backbone "
-                        f"features: multi-modal inputs are frozen features only; give it a backbone")
     if backbone is not None:
         from fedbench.models.cache import FeatureCache
 
