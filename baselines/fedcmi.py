@@ -75,6 +75,7 @@ from fedbench.models.clip import clip_logit_scale
 
 Mode = Literal["text-image", "two-view"]
 STATISTICS = ("conf_sum", "conf_count", "proto_sum", "proto_count")  # uploaded beside the weights
+GLOBAL_KNOWLEDGE = ("prototypes", "prototype_known", "tau")  # sent beside the weights
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class FedCMI(Method):
         self, message: Message | None, data: ClientData, client_state: Payload | None, client: ClientContext
     ) -> ClientResult:
         received = message.payload
-        weights = {k: v for k, v in received.items() if k not in ("prototypes", "prototype_known", "tau")}
+        weights = {k: v for k, v in received.items() if k not in GLOBAL_KNOWLEDGE}
         load_state(self.model, weights)
         dominant, weak = self.split(data.train.x)
         y = data.train.y
@@ -309,7 +310,7 @@ class FedCMI(Method):
                 names[1]: batched_logits(lambda b: alone(b, "weak"), x)}
 
     def load_global(self, model: Payload) -> None:
-        load_state(self.model, {k: v for k, v in model.items() if k not in ("prototypes", "prototype_known", "tau")})
+        load_state(self.model, {k: v for k, v in model.items() if k not in GLOBAL_KNOWLEDGE})
         self.model.eval()
 
     def trainable_parameters(self) -> int:
