@@ -12,20 +12,19 @@ bytes per round.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from report_tables import load_records, mean_std
 
 FEDCMI_DEFAULTS = {"mode": "text-image", "infiltration": True, "temperature": "class-wise", "mu": 0.01}
 FEATURE_METHODS = ("fedcmi", "fedavg", "fedprox", "fedclip", "zero-shot")
 
 
 def _records(folder: Path, methods: tuple[str, ...]) -> list[dict[str, Any]]:
-    if not folder.is_dir():
-        return []
-    return [json.loads(p.read_text()) for m in methods for p in sorted((folder / m).glob("*.json"))]
+    return [r for m in methods for r in load_records(folder / m)]
 
 
 def _label(record: dict[str, Any]) -> str:
@@ -37,13 +36,6 @@ def _label(record: dict[str, Any]) -> str:
     trainable = options.get("trainable")
     extra = " (lr=0.001, logit_scale=100)" if spec["method"] == "fedclip" and options.get("lr") != 5e-5 else ""
     return spec["method"] + (f"-{trainable}" if trainable else "") + extra
-
-
-def _mean_std(values: list[float | None], scale: float = 100.0) -> str:
-    xs = [v * scale for v in values if v is not None]
-    if not xs:
-        return "—"
-    return f"{xs[0]:.2f}" if len(xs) == 1 else f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
 def table(records: list[dict[str, Any]]) -> list[str]:
@@ -68,12 +60,12 @@ def table(records: list[dict[str, Any]]) -> list[str]:
             size = f"{(comm['up_bytes'] + comm['down_bytes']) / rounds / 1e3:,.1f} KB"
         else:
             cost, size = "no rounds", "0"
-        out.append(f"| {label} | {len(group)} | {_mean_std([x.get('heldout_acc_mean') for x in last])} "
-                   f"| {_mean_std([x.get('global_acc') for x in last])} "
-                   f"| {_mean_std([x.get('class_acc_worst') for x in last])} "
-                   f"| {_mean_std([x.get('class_acc_std') for x in last])} "
-                   f"| {_mean_std([m.get('image') for m in modality])} "
-                   f"| {_mean_std([m.get('glimpse') for m in modality])} | {cost} | {size} |")
+        out.append(f"| {label} | {len(group)} | {mean_std([x.get('heldout_acc_mean') for x in last])} "
+                   f"| {mean_std([x.get('global_acc') for x in last])} "
+                   f"| {mean_std([x.get('class_acc_worst') for x in last])} "
+                   f"| {mean_std([x.get('class_acc_std') for x in last])} "
+                   f"| {mean_std([m.get('image') for m in modality])} "
+                   f"| {mean_std([m.get('glimpse') for m in modality])} | {cost} | {size} |")
     return out
 
 

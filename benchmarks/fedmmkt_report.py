@@ -11,17 +11,14 @@ everything but the seed; prints Markdown (mean +- std over seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from report_tables import load_records, mean_std
+
 DEFAULTS = {"finetune": "weighted", "synth_per_class": 5}
-
-
-def _records(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
 def _label(record: dict[str, Any]) -> str:
@@ -33,15 +30,6 @@ def _label(record: dict[str, Any]) -> str:
     extra = " (lr=0.001, logit_scale=100)" if spec["method"] == "fedclip" and options.get("lr") != 5e-5 else ""
     trainable = options.get("trainable")
     return spec["method"] + (f"-{trainable}" if trainable else "") + extra
-
-
-def _ms(values: list[float | None], scale: float = 100.0, digits: int = 2) -> str:
-    xs = [v * scale for v in values if v is not None]
-    if not xs:
-        return "—"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def _grouped(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -63,12 +51,13 @@ def accuracy_table(records: list[dict[str, Any]]) -> list[str]:
         def first_last(key: str, scale: float, digits: int, server=server) -> str:
             if not all(s and key in s[0] for s in server):
                 return "—"
-            return (f"{_ms([s[0][key] for s in server], scale, digits)} → "
-                    f"{_ms([s[-1][key] for s in server], scale, digits)}")
+            return (f"{mean_std([s[0][key] for s in server], scale, digits)} → "
+                    f"{mean_std([s[-1][key] for s in server], scale, digits)}")
 
-        out.append(f"| {label} | {len(group)} | {_ms([x.get('heldout_acc_mean') for x in last])} "
-                   f"| {_ms([x.get('global_acc') for x in last])} | {_ms([x.get('client_acc_worst') for x in last])} "
-                   f"| {_ms([x.get('class_acc_worst') for x in last])} | {first_last('generated_acc', 100, 1)} "
+        out.append(f"| {label} | {len(group)} | {mean_std([x.get('heldout_acc_mean') for x in last])} "
+                   f"| {mean_std([x.get('global_acc') for x in last])} "
+                   f"| {mean_std([x.get('client_acc_worst') for x in last])} "
+                   f"| {mean_std([x.get('class_acc_worst') for x in last])} | {first_last('generated_acc', 100, 1)} "
                    f"| {first_last('generated_clip_score', 1, 4)} "
                    f"| {(comm['up_bytes'] + comm['down_bytes']) / rounds / 1e3:,.1f} KB |")
     return out
@@ -99,10 +88,10 @@ def curve(records: list[dict[str, Any]], every: int = 10) -> list[str]:
         for i in sorted({0, *range(every - 1, n, every), n - 1}):
             rows = [g["metrics"]["rounds"][i] for g in group]
             server = [r.get("server") or {} for r in rows]
-            out.append(f"| {label} | {rows[0]['round']} | {_ms([r.get('heldout_acc_mean') for r in rows])} "
-                       f"| {_ms([s.get('generated_acc') for s in server], 100, 1)} "
-                       f"| {_ms([s.get('generated_clip_score') for s in server], 1, 4)} "
-                       f"| {_ms([s.get('synth_agreement') for s in server], 1, 3)} |")
+            out.append(f"| {label} | {rows[0]['round']} | {mean_std([r.get('heldout_acc_mean') for r in rows])} "
+                       f"| {mean_std([s.get('generated_acc') for s in server], 100, 1)} "
+                       f"| {mean_std([s.get('generated_clip_score') for s in server], 1, 4)} "
+                       f"| {mean_std([s.get('synth_agreement') for s in server], 1, 3)} |")
     return out
 
 
@@ -111,11 +100,11 @@ def main() -> None:
     parser.add_argument("--results", default="results")
     args = parser.parse_args()
     root = Path(args.results) / "rotated-mnist"
-    board = [r for m in ("fedmmkt", "fedavg", "fedclip") for r in _records(root / m)
+    board = [r for m in ("fedmmkt", "fedavg", "fedclip") for r in load_records(root / m)
              if r["spec"]["backbone"] in ("digits-clip", "none")
              and r["spec"]["method_options"].get("trainable") in (None, "head", "simple-cnn")]
     mine = [r for r in board if r["spec"]["method"] == "fedmmkt"]
-    ablations = mine + _records(Path(args.results) / "ablations" / "rotated-mnist" / "fedmmkt")
+    ablations = mine + load_records(Path(args.results) / "ablations" / "rotated-mnist" / "fedmmkt")
     print("## rotated-mnist (digits-clip, 50 rounds): FedMMKT beside the baselines\n")
     print("\n".join(accuracy_table(board)) + "\n")
     print("## FedMMKT ablation\n")

@@ -11,17 +11,14 @@ accuracy; seconds per round (client / server) and bytes per round, beside FedCLI
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from report_tables import load_records, mean_std
+
 DEFAULTS = {"text_steps": 10, "aggregation": "query", "personal_layers": 1, "local_epochs": 1}
-
-
-def _records(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/*.json"))] if folder.is_dir() else []
 
 
 def _label(record: dict[str, Any]) -> str:
@@ -34,15 +31,6 @@ def _label(record: dict[str, Any]) -> str:
     extra = f" ({', '.join(f'{k}={v}' for k, v in sorted(options.items()) if k in ('lr', 'logit_scale'))})" \
         if spec["method"] == "fedclip" and options.get("lr") != 5e-5 else ""
     return spec["method"] + (f"-{trainable}" if trainable else "") + extra
-
-
-def _mean_std(values: list[float], scale: float = 100.0) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def table(records: list[dict[str, Any]], backbone: str) -> list[str]:
@@ -65,9 +53,9 @@ def table(records: list[dict[str, Any]], backbone: str) -> list[str]:
             split = ""
         comm = group[0]["comm"]
         bytes_per_round = (comm["up_bytes"] + comm["down_bytes"]) / rounds
-        out.append(f"| {label} | {len(group)} | {_mean_std([x.get('heldout_acc_mean') for x in last])} "
-                   f"| {_mean_std([x.get('global_acc') for x in last])} "
-                   f"| {_mean_std([x.get('client_acc_mean') for x in last])} "
+        out.append(f"| {label} | {len(group)} | {mean_std([x.get('heldout_acc_mean') for x in last])} "
+                   f"| {mean_std([x.get('global_acc') for x in last])} "
+                   f"| {mean_std([x.get('client_acc_mean') for x in last])} "
                    f"| {per_round:.2f}{split} | {bytes_per_round / 1e3:,.1f} KB |")
     return out
 
@@ -78,10 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.results)
     for task, backbone in (("rotated-mnist", "digits-clip"), ("pacs-mini", "offline-pair")):
-        main_rows = _records(root / task)
+        main_rows = load_records(root / task, "*/*.json")
         print(f"## {task} ({backbone}): leaderboard rows\n")
         print("\n".join(table(main_rows, backbone)) + "\n")
-        ablations = _records(root / "ablations" / task)
+        ablations = load_records(root / "ablations" / task, "*/*.json")
         if ablations:
             mine = [r for r in main_rows if r["spec"]["method"] == "modality-broadcast"]
             print(f"## {task}: ablation\n")
