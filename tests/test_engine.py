@@ -74,8 +74,14 @@ def test_fedprox_with_mu_zero_is_fedavg(blobs_task):
 
 
 def test_training_learns_on_an_easy_task(blobs_task):
-    record = _run(blobs_task, rounds=5, sets=["local_epochs=10", "lr=0.05", "alpha=100"])
-    assert record["metrics"]["final"]["last"]["global_acc"] > 0.6  # chance is 0.25
+    # NIID-Bench's lr 0.01 with small batches: enough steps per round for the CNN to leave its
+    # initial plateau and no overshoot (lr 0.05 with momentum 0.9 swung 0.71 -> 0.29 -> 1.0).
+    # Measured on seeds 0-4: accuracy never fell from a round to the next, and was >= 0.99 at round 5.
+    # The count weighting of the average is held exactly in test_exact_math.py.
+    record = _run(blobs_task, rounds=5, sets=["local_epochs=10", "batch_size=16", "alpha=100"])
+    accs = [r["global_acc"] for r in record["metrics"]["rounds"]]
+    assert accs[-1] > 0.9  # chance is 0.25
+    assert all(later >= earlier - 0.05 for earlier, later in zip(accs[:-1], accs[1:], strict=True)), accs  # no swings
 
 
 def test_client_update_sees_only_its_own_data(blobs_task):
