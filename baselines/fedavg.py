@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
 from fedbench.federation.method import (
@@ -47,12 +48,12 @@ Trainable = Literal["simple-cnn", "head", "lora", "full"]
 @dataclass(frozen=True)
 class FedAvgHparams:
     trainable: Trainable = "simple-cnn"
-    local_epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    lora_rank: int = 4  # used by trainable=lora only
+    local_epochs: int = bounded(10, ge=1)
+    batch_size: int = bounded(64, ge=1)
+    lr: float = bounded(0.01, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(1e-5, ge=0)
+    lora_rank: int = bounded(4, ge=1)  # used by trainable=lora only
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 or self.batch_size < 1:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData, Split
 from fedbench.errors import SpecError
@@ -54,16 +55,16 @@ from fedbench.models.clip import clip_logit_scale
 
 @dataclass(frozen=True)
 class FedCLIPHparams:
-    lr: float = 5e-5
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    weight_decay: float = 0.2  # torch.optim.Adam's (L2 added to the gradient), as the released code
-    batch_size: int = 32
-    local_epochs: int = 1  # the released code's --wk_iters
+    lr: float = bounded(5e-5, gt=0)
+    beta1: float = bounded(0.9, ge=0, lt=1)
+    beta2: float = bounded(0.98, ge=0, lt=1)
+    eps: float = bounded(1e-6, gt=0)
+    weight_decay: float = bounded(0.2, ge=0)  # torch.optim.Adam's (L2 added to the gradient), as the released code
+    batch_size: int = bounded(32, ge=2)
+    local_epochs: int = bounded(1, ge=1)  # the released code's --wk_iters
     # Temperature of the contrastive loss and of the logits: 0 takes the backbone's own
     # exp(logit_scale) as the released code does (100 for OpenAI CLIP), 100 if it has none.
-    logit_scale: float = 0.0
+    logit_scale: float = bounded(0.0, ge=0)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.eps <= 0:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
 from fedbench.errors import SpecError
@@ -82,16 +83,16 @@ GLOBAL_KNOWLEDGE = ("prototypes", "prototype_known", "tau")  # sent beside the w
 class FedCMIHparams:
     mode: Mode = "text-image"
     infiltration: bool = True  # False: no Infiltration Projector (the ablation)
-    kd_weight: float = 1.0
+    kd_weight: float = bounded(1.0, ge=0)
     temperature: Literal["class-wise", "fixed"] = "class-wise"
-    tau: float = 2.0  # every class's temperature before any confidence is known; fixed: always
-    tau_min: float = 1.0  # the most confident class's temperature (conf 1)
-    tau_max: float = 4.0  # the least confident class's temperature (conf 0)
-    mu: float = 0.01  # proximal weight (FedProx's NIID-Bench value; the paper's is not public)
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3
-    logit_scale: float = 0.0  # s of the teacher logits; 0: the backbone's exp(logit_scale)
+    tau: float = bounded(2.0, gt=0)  # every class's temperature before any confidence is known; fixed: always
+    tau_min: float = bounded(1.0, gt=0)  # the most confident class's temperature (conf 1)
+    tau_max: float = bounded(4.0, gt=0)  # the least confident class's temperature (conf 0)
+    mu: float = bounded(0.01, ge=0)  # proximal weight (FedProx's NIID-Bench value; the paper's is not public)
+    local_epochs: int = bounded(1, ge=1)
+    batch_size: int = bounded(32, ge=1)
+    lr: float = bounded(1e-3, gt=0)
+    logit_scale: float = bounded(0.0, ge=0)  # s of the teacher logits; 0: the backbone's exp(logit_scale)
 
     def __post_init__(self) -> None:
         for name in ("tau", "tau_min", "tau_max"):

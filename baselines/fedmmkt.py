@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData, Split
 from fedbench.errors import SpecError
@@ -69,25 +70,25 @@ SYNTH = ("synth_x", "synth_y")  # sent beside the head
 class FedMMKTHparams:
     generator: str = ""  # a diffusers folder (unet/, scheduler/); "": the packaged digits-t2i
     prompt_template: str = ""  # with one "{}" for the class name; "": the task's own prompts
-    synth_per_class: int = 5  # synthetic images per class and round
-    sampling_steps: int = 5  # DPM-Solver++ steps
-    guidance: float = 3.0
-    eval_per_class: int = 2  # fresh images per class for the generator metrics
+    synth_per_class: int = bounded(5, ge=1)  # synthetic images per class and round
+    sampling_steps: int = bounded(5, ge=1)  # DPM-Solver++ steps
+    guidance: float = bounded(3.0, ge=0)
+    eval_per_class: int = bounded(2, ge=0)  # fresh images per class for the generator metrics
     finetune: Literal["weighted", "unweighted", "none"] = "weighted"
     generator_trainable: Literal["lora", "full"] = "lora"
-    lora_rank: int = 4
-    generator_steps: int = 2
-    generator_lr: float = 1e-4
-    generator_batch_size: int = 32
-    distill_steps: int = 20  # FedDF's server distillation on the synthetic set
-    distill_lr: float = 1e-3
-    distill_temperature: float = 1.0
-    synth_weight: float = 1.0  # the client's cross-entropy on the synthetic set
-    local_epochs: int = 10  # FedAvg's NIID-Bench defaults for the head
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
+    lora_rank: int = bounded(4, ge=1)
+    generator_steps: int = bounded(2, ge=0)
+    generator_lr: float = bounded(1e-4, gt=0)
+    generator_batch_size: int = bounded(32, ge=1)
+    distill_steps: int = bounded(20, ge=0)  # FedDF's server distillation on the synthetic set
+    distill_lr: float = bounded(1e-3, gt=0)
+    distill_temperature: float = bounded(1.0, gt=0)
+    synth_weight: float = bounded(1.0, ge=0)  # the client's cross-entropy on the synthetic set
+    local_epochs: int = bounded(10, ge=1)  # FedAvg's NIID-Bench defaults for the head
+    batch_size: int = bounded(64, ge=1)
+    lr: float = bounded(0.01, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(1e-5, ge=0)
 
     def __post_init__(self) -> None:
         if self.synth_per_class < 1:

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.federation.method import Payload
 
 
 @dataclass(frozen=True)
 class FedProxHparams(FedAvgHparams):
-    mu: float = 0.01
+    mu: float = bounded(0.01, ge=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

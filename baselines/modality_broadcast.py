@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
 from fedbench.errors import SpecError
@@ -70,21 +71,22 @@ UPLOAD_EXTRAS = ("prototypes", "class_counts", "synth_features", "synth_labels")
 
 @dataclass(frozen=True)
 class ModalityBroadcastHparams:
-    lora_rank: int = 4  # the paper's rank
-    lora_layers: int = 2  # top image stages with LoRA (ours, for CPU cost; the paper adapts the whole encoder)
-    personal_layers: int = 1  # top adapted stages aggregated per client; split layer = stages - this
-    orth_weight: float = 0.1  # mu, weight of the orthogonality term
+    lora_rank: int = bounded(4, ge=1)  # the paper's rank
+    # top image stages with LoRA (ours, for CPU cost; the paper adapts the whole encoder)
+    lora_layers: int = bounded(2, ge=1)
+    personal_layers: int = bounded(1, ge=0)  # top adapted stages aggregated per client; split layer = stages - this
+    orth_weight: float = bounded(0.1, ge=0)  # mu, weight of the orthogonality term
     aggregation: Literal["query", "average"] = "query"  # average: the ablation without query aggregation
-    query_temperature: float = 0.1
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 1e-3  # client Adam
-    synth_per_class: int = 16  # correctly predicted features per class a client uploads
-    text_lora_layers: int = 1  # top text stages with LoRA on the server
-    text_steps: int = 10  # server Adam steps on the text LoRA per round; 0: no server fine-tuning
-    text_lr: float = 1e-3
-    text_batch_size: int = 256
-    logit_scale: float = 0.0  # 0: the backbone's own exp(logit_scale)
+    query_temperature: float = bounded(0.1, gt=0)
+    local_epochs: int = bounded(1, ge=1)
+    batch_size: int = bounded(32, ge=1)
+    lr: float = bounded(1e-3, gt=0)  # client Adam
+    synth_per_class: int = bounded(16, ge=0)  # correctly predicted features per class a client uploads
+    text_lora_layers: int = bounded(1, ge=1)  # top text stages with LoRA on the server
+    text_steps: int = bounded(10, ge=0)  # server Adam steps on the text LoRA per round; 0: no server fine-tuning
+    text_lr: float = bounded(1e-3, gt=0)
+    text_batch_size: int = bounded(256, ge=1)
+    logit_scale: float = bounded(0.0, ge=0)  # 0: the backbone's own exp(logit_scale)
     cache_activations: bool = True  # False runs the frozen stages every step (same numbers, slower)
 
     def __post_init__(self) -> None:

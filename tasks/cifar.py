@@ -199,6 +199,7 @@ class Cifar10Dirichlet(Task):
     """CIFAR-10 split over clients by Dirichlet(alpha) label skew, the NIID-Bench protocol."""
 
     Options = Cifar10Options
+    check_options = staticmethod(check_options)  # cross-field checks, run when the spec resolves
     default_rounds = 50
     card = TaskCard(
         classes=", ".join(CIFAR10_CLASSES),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_task
 from fedbench.data import partition
 from fedbench.data.dataset import ClientIndices, FederatedDataset, Task, TaskCard
@@ -61,9 +62,9 @@ class DomainNetOptions:
     classes: str = "fedbn10"  # fedbn10 | all | a comma list of class folder names
     domains: str = "all"  # all | a comma list of domains (one client each)
     heldout: str = ""  # '' = no held-out domain; else that domain is tested whole
-    val_fraction: float = 0.2  # of each client's official train list
-    image_size: int = 224
-    max_per_domain: int = 0  # 0 = all; else a seeded subsample per domain (train and test lists alike)
+    val_fraction: float = bounded(0.2, ge=0, lt=1)  # of each client's official train list
+    image_size: int = bounded(224, ge=8, le=1024)
+    max_per_domain: int = bounded(0, ge=0)  # 0 = all; else a seeded subsample per domain (train and test lists alike)
     data_dir: str = ""
     hf_dataset: str = ""
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_task
 from fedbench.data.dataset import FederatedDataset, TaskCard
 from fedbench.data.sources import stream_rng
@@ -32,8 +33,8 @@ GLIMPSE_SIZES = (1, 2, 4, 7, 14, 28)  # the divisors of 28: every cell covers wh
 class GlimpseMnistOptions(RotatedMnistOptions):
     """``rotated-mnist``'s options plus how weak the second modality is."""
 
-    glimpse_size: int = 7  # cells per side of the coarse copy (a divisor of 28)
-    glimpse_noise: float = 48.0  # std of the Gaussian pixel noise on the 0..255 scale
+    glimpse_size: int = bounded(7, ge=1, le=28)  # cells per side of the coarse copy (a divisor of 28)
+    glimpse_noise: float = bounded(48.0, ge=0)  # std of the Gaussian pixel noise on the 0..255 scale
 
     def __post_init__(self) -> None:
         super().__post_init__()

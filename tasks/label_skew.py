@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbench.core.options import bounded
 from fedbench.data import partition
 from fedbench.data.dataset import ClientIndices, FederatedDataset
 from fedbench.data.sources import RawImages, stream_rng, subsample
@@ -53,13 +54,13 @@ NOT_TRANSCRIBED = {
 class LabelSkewOptions:
     """Options of the label-skew tasks (each field is a ``--set key=value``)."""
 
-    clients: int = 10
-    alpha: float = 0.5  # Dirichlet concentration: 0.1 strong skew, 0.5 NIID-Bench default
+    clients: int = bounded(10, ge=1)
+    alpha: float = bounded(0.5, gt=0)  # Dirichlet concentration: 0.1 strong skew, 0.5 NIID-Bench default
     partition: str = "dirichlet"  # dirichlet | iid | quantity (NIID-Bench iid-diff-quantity)
-    min_samples: int = 10  # redraw the partition until every client holds this many
-    val_fraction: float = 0.1  # of each client's share, held out for validation
-    max_train: int = 0  # 0 = all; else a seeded subsample of the train set, before partitioning
-    max_test: int = 0  # 0 = all; else a seeded subsample of the test set
+    min_samples: int = bounded(10, ge=0)  # redraw the partition until every client holds this many
+    val_fraction: float = bounded(0.1, ge=0, lt=1)  # of each client's share, held out for validation
+    max_train: int = bounded(0, ge=0)  # 0 = all; else a seeded subsample of the train set, before partitioning
+    max_test: int = bounded(0, ge=0)  # 0 = all; else a seeded subsample of the test set
     data_dir: str = ""  # a local copy in the dataset's official layout
 
 

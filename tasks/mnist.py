@@ -33,6 +33,7 @@ class MnistDirichlet(Task):
     """MNIST split over clients by Dirichlet(alpha) label skew, the NIID-Bench protocol."""
 
     Options = LabelSkewOptions
+    check_options = staticmethod(check_options)  # cross-field checks, run when the spec resolves
     default_backbone = DIGITS_BACKBONE
     default_rounds = 50
     card = TaskCard(

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_task
 from fedbench.data.dataset import FederatedDataset, Task, TaskCard
 from fedbench.data.sources import (
@@ -85,10 +86,10 @@ class PacsOptions:
 
     heldout: str = "art_painting"  # a domain name or its initial (A, C, P, S)
     split: str = "0.6,0.2,0.2"  # train,val,test fractions of each client's domain
-    image_size: int = 224
+    image_size: int = bounded(224, ge=8, le=1024)
     data_dir: str = ""  # local PACS folder; empty: the Hugging Face dataset below
     hf_dataset: str = "flwrlabs/pacs"
-    max_per_domain: int = 0  # 0 = all; else a seeded subsample of each domain (quick runs)
+    max_per_domain: int = bounded(0, ge=0)  # 0 = all; else a seeded subsample of each domain (quick runs)
 
     def __post_init__(self) -> None:
         self.heldout = pick_domain(self.heldout, PACS_DOMAINS, PACS_ALIASES, allow_none=False)
@@ -103,7 +104,7 @@ class PacsMiniOptions:
 
     heldout: str = "art_painting"
     split: str = "0.6,0.2,0.2"
-    image_size: int = 224
+    image_size: int = bounded(224, ge=8, le=1024)
 
     def __post_init__(self) -> None:
         self.heldout = pick_domain(self.heldout, PACS_DOMAINS, PACS_ALIASES, allow_none=False)

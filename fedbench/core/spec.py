@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedbench.core.hashing import canonical_json, json_digest
+from fedbench.core.options import check_options
 from fedbench.errors import SpecError
 
 SPEC_VERSION = 2
@@ -118,15 +119,19 @@ def coerce(value: str, annotation: Any, key: str) -> Any:
 
 
 def options_from(cls: type, given: Mapping[str, Any], where: str) -> Any:
-    """Build an options dataclass from defaults plus ``given`` (already-typed values)."""
+    """Build an options dataclass from defaults plus ``given`` (already-typed values), every
+    numeric field checked against the bounds it declares (:mod:`fedbench.core.options`)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(given) - names
     if unknown:
         raise SpecError(f"unknown {where} option(s) {sorted(unknown)}; known: {sorted(names)}")
     try:
-        return cls(**given)
+        options = cls(**given)
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{where} options: {exc}") from exc
+    # After __post_init__, whose own messages (cross-field ones) say more than a bound can.
+    check_options(options, where)
+    return options
 
 
 def field_types(cls: type) -> dict[str, Any]:

@@ -147,8 +147,11 @@ class TaskCard:
 class Task:
     """A registered task: an options dataclass (every protocol choice) and a ``load`` function.
 
-    Subclasses set ``Options`` (a dataclass whose fields are ``--set`` keys with their defaults),
-    ``card``, ``default_rounds``, and implement ``load``.
+    Subclasses set ``Options`` (a dataclass whose fields are ``--set`` keys with their defaults,
+    numeric ones declared with :func:`fedbench.core.options.bounded`), ``card``,
+    ``default_rounds``, and implement ``load``. Checks across fields go in an optional
+    ``check_options(options, seed)`` staticmethod, which ``resolve_spec`` runs before any data
+    is read.
     """
 
     Options: ClassVar[type]

@@ -85,11 +85,16 @@ def plan(
     sample: float | int = 1.0,
     eval_every: int = 1,
 ) -> list[RunSpec]:
-    """Every spec of the grid, resolved and de-duplicated, in method, task, seed order."""
+    """Every spec of the grid, resolved and de-duplicated, in method, task, seed order.
+
+    Every spec is resolved (options in range, task checks passed) before any runs: if some cannot
+    be, one SpecError names each distinct problem and nothing has run.
+    """
     if not methods or not tasks or not seeds:
         raise SpecError("a sweep needs at least one method, one task (--tasks) and one seed (--seeds)")
     names = set(methods) | set(tasks)
     specs: dict[str, RunSpec] = {}
+    problems: dict[str, None] = {}  # distinct messages in grid order (one bad option fails every seed alike)
     for method, task in itertools.product(methods, tasks):
         pair_sets = _scoped_sets(sets, method, task, names)
         for seed in seeds:
@@ -97,9 +102,15 @@ def plan(
                 spec = fb_run.resolve_spec(method, task, backbone=backbone, seed=seed, rounds=rounds,
                                            sample=sample, sets=pair_sets, eval_every=eval_every)
             except SpecError as exc:
-                raise SpecError(f"{method} on {task}: {exc}. In a sweep, --set {method}.KEY=V or "
-                                f"--set {task}.KEY=V applies an option to one method or task only") from None
+                hint = (f". In a sweep, --set {method}.KEY=V or --set {task}.KEY=V applies an option to one "
+                        f"method or task only") if pair_sets and not str(exc).startswith("--seed") else ""
+                problems.setdefault(f"{method} on {task}: {exc}{hint}")
+                continue
             specs.setdefault(spec.spec_hash, spec)
+    if len(problems) == 1:
+        raise SpecError(next(iter(problems)))
+    if problems:
+        raise SpecError(f"{len(problems)} problems in the sweep's grid; nothing was run:\n  " + "\n  ".join(problems))
     return list(specs.values())
 
 
