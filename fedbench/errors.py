@@ -55,3 +55,11 @@ class DuplicateNameError(PluginError):
         self.taken_name = taken_name  # the name both claim
         self.existing = existing  # where the registered entry comes from
         self.new = new  # where the refused registration comes from
+
+
+class DivergedError(FedbenchError):
+    """A run whose loss became non-finite: it stopped, and its record is marked ``diverged``."""
+
+
+class CheckpointError(FedbenchError):
+    """A checkpoint that cannot be resumed from (corrupt, or written for other code or data)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from fedbench.core.formatting import format_bytes, format_percent
 from fedbench.core.registry import BACKBONES, METHODS, METRICS, TASKS, include
-from fedbench.errors import FedbenchError, SpecError
+from fedbench.errors import FedbenchError, ResultsError, SpecError
 
 
 def _sample(text: str) -> float | int:
@@ -116,13 +116,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress = _Progress(spec.rounds)
             try:
                 records.append(execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress,
-                                       device=args.device))
+                                       device=args.device, checkpoint_every=args.checkpoint_every,
+                                       resume=args.resume))
+            except KeyboardInterrupt:
+                progress.close()
+                _say_how_to_resume(spec, args)
+                raise
             finally:
                 progress.close()
         rows = summarize_heldout(records, TASKS.get(args.task).obj.card, specs[0].backbone)
         print(format_heldout_table(rows, specs[0].backbone))
         if args.json:
             print(json.dumps(records, indent=1, sort_keys=True))
+        for record in records:
+            check_diverged(record)
         return 0
     spec = resolve_spec(
         args.method, args.task, backbone=args.backbone, seed=args.seed, rounds=args.rounds,
@@ -130,14 +137,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     progress = _Progress(spec.rounds)
     try:
-        record = execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress, device=args.device)
+        record = execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress, device=args.device,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except KeyboardInterrupt:
+        progress.close()
+        _say_how_to_resume(spec, args)
+        raise
     finally:
         progress.close()
     if args.json:
         print(json.dumps(record, indent=1, sort_keys=True))
     else:
         print_summary(record)
+    check_diverged(record)
     return 0
+
+
+def _say_how_to_resume(spec: Any, args: argparse.Namespace) -> None:
+    from fedbench.harness.run import checkpoint_path
+
+    if args.results_dir is not None and checkpoint_path(args.results_dir, spec).is_file():
+        print("fedbench: a checkpoint of this run is saved; the same command with --resume continues it",
+              file=sys.stderr)
+
+
+def check_diverged(record: dict[str, Any]) -> None:
+    """A diverged run is an error of the run's options, stated once its record is written."""
+    from fedbench.errors import DivergedError
+
+    diverged = record.get("diverged")
+    if diverged:
+        raise DivergedError(f"the run diverged at round {diverged['round']} ({diverged['reason']}) and stopped; "
+                            f"its record {record.get('path', '')} is marked diverged and kept off the leaderboard's "
+                            f"ranks. Try a smaller learning rate (--set lr=...)")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -150,6 +182,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_rows(record: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    """The summary table of a loaded record, or a ResultsError naming what the record lacks."""
+    try:
+        rows = summary_rows(record)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        from fedbench.board.validate import check_record
+
+        # The validator names the missing or mistyped field; the exception only its last key.
+        problems = check_record(record) or [f"{type(exc).__name__}: {exc}"]
+        raise ResultsError(f"{path} is not a whole fedbench record ({problems[0]}); `fedbench validate {path}` "
+                           f"lists what is wrong") from None
+    diverged = record.get("diverged")
+    if isinstance(diverged, dict):
+        rows.insert(3, ("diverged", f"round {diverged.get('round')}: {diverged.get('reason')}"))
+    return rows
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from fedbench.core.results import load_record
 
@@ -158,7 +207,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(record, indent=1, sort_keys=True))
     else:
-        print_summary(record)
+        from tabulate import tabulate
+
+        print(tabulate(show_rows(record, args.record), tablefmt="simple"))
     return 0
 
 
@@ -202,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cpu (default), cuda or cuda:N; recorded in provenance, not in the spec (the protocol "
                           "is the same; the last digits of a metric may differ between devices)")
     run.add_argument("--json", action="store_true", help="print the result record as JSON")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint a killed or interrupted run of this spec left")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                     help="checkpoint every K rounds (0: never; default: every few minutes)")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", parents=[common], help="list registered methods, tasks, backbones or metrics")
@@ -233,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # Inside the try: building the parser imports torch (seconds), and Ctrl-C then is no error.
+        parser = build_parser()
+        args = parser.parse_args(argv)
         for path in getattr(args, "include", []):
             include(path, override=getattr(args, "override", False))
         return int(args.func(args) or 0)

@@ -17,8 +17,8 @@ from fedbench.federation.method import Method, Payload
 
 
 def rounded(x: float | None) -> float | None:
-    """Six decimals in records; NaN (nothing to score) is stored as None."""
-    return None if x is None or math.isnan(x) else round(float(x), 6)
+    """Six decimals in records; NaN (nothing to score) and infinities (JSON has none) are stored as None."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
 
 
 @dataclass

@@ -118,7 +118,7 @@ class ClientContext:
 class ClientResult:
     upload: Payload  # empty: nothing is sent
     num_samples: int
-    train_loss: float = float("nan")
+    train_loss: float | None = None  # None: the method reports no training loss
     client_state: Payload | None = None  # kept for this client only, for the next round it is sampled
 
 

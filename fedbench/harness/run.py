@@ -24,6 +24,7 @@ from fedbench.core.results import (
 )
 from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
 from fedbench.errors import SpecError
+from fedbench.federation.checkpoint import Checkpoints, checkpoint_identity
 from fedbench.federation.engine import run_federation
 from fedbench.federation.method import RunContext
 
@@ -42,9 +43,21 @@ def resolve_spec(
     sets: Sequence[str] | dict[str, str] = (),
     eval_every: int = 1,
 ) -> RunSpec:
-    """Every default resolved into the spec, every option type-checked, before anything runs."""
+    """Every default resolved into the spec, every option type- and range-checked, before anything runs.
+
+    A task class may declare ``check_options(options, seed)`` (a staticmethod) for the checks its
+    options' bounds cannot express; it runs here, before any data is read.
+    """
+    import numbers
+
     method_entry, task_entry = METHODS.get(method), TASKS.get(task)
     method_cls, task_cls = method_entry.obj, task_entry.obj
+    seed_max = 2**32 - 1
+    # Every generator is seeded with [seed, stream, ...] as 32-bit words (numpy's SeedSequence):
+    # a negative seed is refused deep in numpy, and one past 32 bits would alias another seed's streams.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= seed_max:
+        raise SpecError(f"--seed {seed}: must be an integer in 0..{seed_max}, e.g. --seed 0")
+    seed = int(seed)
     raw = dict(sets) if isinstance(sets, dict) else parse_sets(sets)
     method_opts, task_opts = split_sets(raw, method_cls.Hparams, task_cls.Options)
     if clients is not None:
@@ -55,6 +68,9 @@ def resolve_spec(
         task_opts["clients"] = clients
     hp = options_from(method_cls.Hparams, method_opts, f"method {method!r}")
     topts = options_from(task_cls.Options, task_opts, f"task {task!r}")
+    task_check = getattr(task_cls, "check_options", None)
+    if task_check is not None:
+        task_check(topts, seed)
     method_cls.check_task(hp, task_cls)
     if rounds is None:
         rounds = method_cls.default_rounds or task_cls.default_rounds
@@ -123,8 +139,17 @@ def execute(
     cache_dir: str | Path | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     device: str = "cpu",
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``spec`` and return its record; write it under ``results_dir`` unless that is None."""
+    """Run ``spec`` and return its record; write it under ``results_dir`` unless that is None.
+
+    With a ``results_dir``, the run checkpoints beside its record (every ``checkpoint_every``
+    rounds; None: every few minutes; 0: never) and ``resume`` continues from that checkpoint.
+    A run whose loss turns non-finite stops; its record says so under ``"diverged"``.
+    """
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise SpecError(f"--checkpoint-every {checkpoint_every}: a number of rounds >= 1, or 0 for none")
     run_device = resolve_device(device)
     check_code_identity(spec)
     if results_dir is not None:
@@ -171,8 +196,12 @@ def execute(
         pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std, train_augment=dataset.train_augment,
         seed=spec.seed, device=run_device, modalities=modalities,
     )
+    checkpoints = None
+    if results_dir is not None:
+        identity = checkpoint_identity(spec.spec_hash, dataset.fingerprint(), backbone_fingerprint)
+        checkpoints = Checkpoints(checkpoint_path(results_dir, spec), identity, checkpoint_every, resume)
     out = run_federation(method_cls, hp, ctx, dataset, inputs, rounds=spec.rounds, sample=spec.sample,
-                         eval_every=spec.eval_every, on_round=on_round)
+                         eval_every=spec.eval_every, on_round=on_round, checkpoints=checkpoints)
     ended = datetime.now(timezone.utc)
 
     last = next(r for r in reversed(out.rounds) if any(k in r for k in EVAL_KEYS[:-1]))
@@ -221,10 +250,20 @@ def execute(
             "device": str(run_device),
             "started": started.isoformat(timespec="seconds"),
             "ended": ended.isoformat(timespec="seconds"),
+            **({"resumed_from_round": out.resumed_from_round} if out.resumed_from_round is not None else {}),
         },
     }
+    if out.diverged is not None:
+        record["diverged"] = out.diverged
     if results_dir is not None:
         if out.images:  # written first: a record never names a picture that is not there
             record["images"] = write_image_grids(out.images, record_path(results_dir, spec))
         record["path"] = str(write_record(record, results_dir))
+        if checkpoints is not None:  # the record is whole: nothing is left to resume
+            checkpoints.remove()
     return record
+
+
+def checkpoint_path(results_dir: str | Path, spec: RunSpec) -> Path:
+    """The run's checkpoint, beside where its record will be (no record reader looks at .ckpt)."""
+    return record_path(results_dir, spec).with_suffix(".ckpt")
