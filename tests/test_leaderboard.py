@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from fedbench.board.grouping import build_board, load_records
-from fedbench.board.html import pareto_front, render_html
+from fedbench.board.html import render_html
 from fedbench.board.leaderboard import write_leaderboard
+from fedbench.board.ranking import pareto_front
 from fedbench.board.stats import summarize, t975
 from fedbench.harness.sweep import sweep
 
@@ -25,11 +26,11 @@ FAST = ["local_epochs=1", "samples=200"]
 
 @pytest.fixture(scope="module")
 def results(blobs_task, tmp_path_factory) -> Path:
-    """Three protocols on blobs: fedavg and local over 3 seeds at 2 rounds, fedavg over 2 seeds at
-    3 rounds (a different protocol: must never be averaged with the first)."""
+    """Four protocols on blobs: fedavg, fedprox and local over 3 seeds at 2 rounds, fedavg over 2 seeds
+    at 3 rounds (a different protocol: must never be averaged with the first)."""
     root = tmp_path_factory.mktemp("board-results")
     quiet = dict(results_dir=root, progress=False, log=lambda _: None)
-    sweep(["fedavg", "local"], [blobs_task], [0, 1, 2], FAST, 2, **quiet)
+    sweep(["fedavg", "fedprox", "local"], [blobs_task], [0, 1, 2], FAST, 2, **quiet)
     sweep(["fedavg"], [blobs_task], [0, 1], FAST, 3, **quiet)
     return root
 
@@ -61,6 +62,7 @@ def test_t_table_matches_scipy():
 def test_pareto_front():
     points = [(0, 0.5), (100, 0.4), (100, 0.7), (1000, 0.6), (5000, 0.9), (5000, 0.8)]
     assert pareto_front(points) == [0, 2, 4]
+    assert pareto_front([(10, 0.5), (10, 0.5), (20, 0.5)]) == [0, 1]  # equal points: neither dominates
 
 
 # ---------------------------------------------------------------- grouping
@@ -68,18 +70,18 @@ def test_pareto_front():
 
 def test_protocols_are_never_averaged(results):
     records, invalid = load_records(results)
-    assert len(records) == 8 and not invalid
+    assert len(records) == 11 and not invalid
     board = build_board(records, published=lambda task: {})
     assert len(board.tables) == 2  # 2 rounds and 3 rounds are two task protocols
     measured = [(t, r) for t, r in _rows(board) if r.kind == "measured"]
     assert sorted((t.protocol["rounds"], r.method, r.stats["headline"].n) for t, r in measured) == [
-        (2, "fedavg", 3), (2, "local", 3), (3, "fedavg", 2)]
+        (2, "fedavg", 3), (2, "fedprox", 3), (2, "local", 3), (3, "fedavg", 2)]
     spec_of = {rec["spec_hash"]: rec["spec"] for _, rec in records}
     for _, row in measured:
         protocols = {json.dumps({k: v for k, v in spec_of[h].items() if k != "seed"}, sort_keys=True)
                      for h in row.spec_hashes}
         assert len(protocols) == 1, "a row mixes protocols"
-    assert len({r.protocol_hash for _, r in measured}) == 3
+    assert len({r.protocol_hash for _, r in measured}) == 4
 
 
 def test_headline_and_aggregates_come_from_the_records(results):
@@ -99,10 +101,11 @@ def test_rows_rank_only_against_the_same_headline(results):
     records, _ = load_records(results)
     board = build_board(records, published=lambda task: {})
     table = next(t for t in board.tables if t.protocol["rounds"] == 2)
-    headlines = [r.headline for r in table.rows if r.kind == "measured"]
-    # local (mean client accuracy, usually higher) never outranks the global-accuracy rows
-    assert headlines == sorted(headlines, key=["global_acc", "client_acc_mean"].index)
-    assert headlines[-1] == "client_acc_mean"
+    # local (mean client accuracy, usually higher) is ranked in a group of its own, never against
+    # the global-accuracy rows
+    assert [(g.headline, sorted(r.method for r in g.rows)) for g in table.groups] == [
+        ("global_acc", ["fedavg", "fedprox"]), ("client_acc_mean", ["local"])]
+    assert table.groups[1].ranks == [1]
 
 
 def test_invalid_and_ci_records_are_left_out(results, tmp_path):
@@ -116,11 +119,11 @@ def test_invalid_and_ci_records_are_left_out(results, tmp_path):
     good = sorted((root / "blobs" / "fedavg").glob("*.json"))[0]
     shutil.copy(good, ci / good.name)
     records, invalid = load_records(root)
-    assert len(records) == 7 and [v.path for v in invalid] == [bad]
-    assert len(load_records(root, include_ci=True)[0]) == 8
+    assert len(records) == 10 and [v.path for v in invalid] == [bad]
+    assert len(load_records(root, include_ci=True)[0]) == 11
     board, _ = write_leaderboard(root, tmp_path / "out")
     assert "Invalid records (left out)" in (tmp_path / "out" / "README.md").read_text()
-    assert board.n_records == 7
+    assert board.n_records == 10
 
 
 # ---------------------------------------------------------------- published numbers
@@ -162,22 +165,29 @@ def test_published_value_by_task_option(results):
 
 
 def test_outputs_are_deterministic_and_complete(results, tmp_path):
-    moved = Path(shutil.copytree(results, tmp_path / "elsewhere" / "results"))
-    _, first = write_leaderboard(results, tmp_path / "a")
-    write_leaderboard(moved, tmp_path / "b")
+    # Two copies of a repository, each with its results/ and leaderboard/: the same bytes (links are relative).
+    here = Path(shutil.copytree(results, tmp_path / "a" / "results"))
+    moved = Path(shutil.copytree(results, tmp_path / "elsewhere" / "deeper" / "results"))
+    _, first = write_leaderboard(here, here.parent / "leaderboard")
+    write_leaderboard(moved, moved.parent / "leaderboard")
     for path in first:
-        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
-    readme = (tmp_path / "a" / "README.md").read_text()
-    assert readme.count("\n## blobs") == 2 and "Generated from 8 records" in readme
+        assert path.read_bytes() == (moved.parent / "leaderboard" / path.name).read_bytes(), path.name
+    out = here.parent / "leaderboard"
+    readme = (out / "README.md").read_text()
+    assert readme.count("\n## blobs") == 2 and "Generated from 11 records" in readme
     assert "± " in readme and "95% CI" in readme
     import pandas as pd
 
-    csv = pd.read_csv(tmp_path / "a" / "leaderboard.csv")
-    assert len(csv) == 3 and set(csv["n"]) == {2, 3}
-    assert {"headline_mean", "headline_std", "headline_ci95", "total_bytes_mean", "protocol"} <= set(csv.columns)
-    page = (tmp_path / "a" / "index.html").read_text()
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert len(csv) == 4 and set(csv["n"]) == {2, 3}
+    assert {"headline_mean", "headline_std", "headline_ci95", "total_bytes_mean", "protocol", "rank", "rank_group",
+            "chance", "round_seconds_mean", "inputs_seconds_mean", "records"} <= set(csv.columns)
+    page = (out / "index.html").read_text()
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
-    assert page.count('<svg class="plot"') == 4 and page.count('<table class="board"') == 2
+    assert str(tmp_path) not in page and str(tmp_path) not in readme  # no absolute path of this machine
+    # One table per rank group: (global_acc: fedavg, fedprox) and (client_acc_mean: local) at 2 rounds,
+    # fedavg at 3; an accuracy-vs-bytes plot only for the group of two rows, a convergence plot each.
+    assert page.count('<table class="board"') == 3 and page.count('<svg class="plot"') == 4
 
 
 # ---------------------------------------------------------------- the page in a browser
@@ -198,13 +208,20 @@ _PROBE = """<script>(function () {
   var table = document.querySelector('table.board');
   var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
   function idx(name) { return heads.map(function (h) { return h.textContent; }).indexOf(name); }
-  function col(i) { return Array.prototype.map.call(table.tBodies[0].rows,
-                                                    function (r) { return r.cells[i].getAttribute('data-sort'); }); }
+  function rows() { return Array.prototype.filter.call(table.tBodies[0].rows,
+                                                        function (r) { return !r.classList.contains('chance'); }); }
+  function col(i) { return rows().map(function (r) { return r.cells[i].getAttribute('data-sort'); }); }
+  function chanceAt() {
+    var all = Array.prototype.slice.call(table.tBodies[0].rows);
+    return all.findIndex(function (r) { return r.classList.contains('chance'); });
+  }
   var m = idx('method'), a = idx('acc % (mean ± std)'), out = {};
   out.initial = col(m);
   heads[m].click(); out.methodFirst = col(m); out.methodAria = heads[m].getAttribute('aria-sort');
   heads[m].click(); out.methodSecond = col(m);
   heads[a].click(); out.accFirst = col(a); out.accAria = heads[a].getAttribute('aria-sort');
+  out.chanceAt = chanceAt();
+  out.chance = parseFloat(table.querySelector('tr.chance').cells[a].getAttribute('data-sort'));
   heads[a].click(); out.accSecond = col(a);
   var svgs = document.querySelectorAll('svg.plot');
   out.svgs = svgs.length;
@@ -252,17 +269,19 @@ def test_html_page_in_headless_chromium(results, tmp_path):
     out = json.loads(html.unescape(found.group(1)))
 
     assert out["errors"] == [] and not _page_console(run.stderr, probe), (out["errors"], run.stderr[-3000:])
-    # The first table (2 rounds): fedavg, local and two published rows.
+    # The first table (2 rounds, global accuracy): fedavg, fedprox and two published rows, and chance.
     labels = out["initial"]
     assert out["methodFirst"] == sorted(labels, key=str.casefold) and out["methodAria"] == "ascending"
     assert out["methodSecond"] == sorted(labels, key=str.casefold, reverse=True)
     accs = [float(x) for x in out["accFirst"]]
     assert accs == sorted(accs, reverse=True) and out["accAria"] == "descending"
+    # Sorted by accuracy, the chance row stays where its accuracy puts it (1/4 classes: 25%).
+    assert out["chance"] == 0.25 and out["chanceAt"] == sum(a >= 0.25 for a in accs)
     assert [float(x) for x in out["accSecond"]] == sorted(accs)
     assert out["published"] == 2
-    # Plots: two per table, laid out with a size, with points, curves and a Pareto front each.
+    # Plots: per rank group, laid out with a size; the front only in the group of two rows.
     assert out["svgs"] == 4 and all(w > 100 and h > 100 for w, h in out["sizes"])
-    assert out["points"] > 0 and out["curves"] == 3 and out["fronts"] == 2 and out["frontPoints"] >= 2
+    assert out["points"] > 0 and out["curves"] == 4 and out["fronts"] == 1 and out["frontPoints"] >= 1
 
     shots = Path(os.environ.get("FEDBENCH_ARTIFACTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
@@ -287,7 +306,7 @@ def test_compare_two_records_and_two_methods(results, capsys):
     assert main(["compare", "--task", "blobs", "fedavg", "local", "--results-dir", str(results)]) == 0
     out = capsys.readouterr().out
     assert "seeds [0, 1, 2]" in out and "headline acc %" in out  # the 2-round table: both have 3 seeds
-    assert main(["compare", "--task", "blobs", "fedavg", "fedprox", "--results-dir", str(results)]) == 2
+    assert main(["compare", "--task", "blobs", "fedavg", "fedclip", "--results-dir", str(results)]) == 2
     assert "no task protocol" in capsys.readouterr().err
 
 

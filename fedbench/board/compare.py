@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedbench.board.grouping import build_board, load_records
+from fedbench.board.grouping import build_board, load_records, timing_seconds
 from fedbench.board.rows import Row, Table
 from fedbench.board.stats import Summary
 from fedbench.board.validate import validate_file
@@ -36,8 +36,11 @@ RECORD_METRICS: list[tuple[str, m.Metric]] = [
     ("bytes up", m.UP_BYTES),
     ("bytes down", m.DOWN_BYTES),
     ("trainable params", m.TRAINABLE_PARAMS),
-    ("wall s", m.WALL_SECONDS),
 ]
+# Time, the rounds apart from their inputs (a warm feature cache shortens only the latter): (label, key
+# of :func:`fedbench.board.grouping.timing_seconds`).
+TIME_ROWS = [("round s", "round_seconds"), ("s / round", "seconds_per_round"), ("inputs s", "inputs_seconds"),
+             ("wall s (whole run)", "wall_seconds")]
 
 
 def _fmt(value: Any, unit: m.Unit) -> str:
@@ -84,6 +87,11 @@ def side_by_side(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[list[tuple
         if va is None and vb is None:
             continue
         metric_rows.append((label, _fmt(va, metric.unit), _fmt(vb, metric.unit), _delta(va, vb, metric.unit)))
+    ta, tb = timing_seconds(a), timing_seconds(b)
+    for label, key in TIME_ROWS:
+        if ta[key] is not None or tb[key] is not None:
+            metric_rows.append((label, _fmt(ta[key], "seconds"), _fmt(tb[key], "seconds"),
+                                _delta(ta[key], tb[key], "seconds")))
     return spec_rows, metric_rows
 
 
@@ -121,7 +129,7 @@ ROW_METRICS: list[tuple[str, str, m.Unit]] = [
     ("global acc %", "global_acc", "fraction"), ("client acc % mean", "client_acc_mean", "fraction"),
     ("client acc % worst", "client_acc_worst", "fraction"), ("total bytes", "total_bytes", "bytes"),
     ("bytes / round", "bytes_per_round", "bytes"), ("trainable params", "trainable_params", "count"),
-    ("wall s", "wall_seconds", "seconds")]
+    ("round s", "round_seconds", "seconds"), ("inputs s", "inputs_seconds", "seconds")]
 
 
 def _pick(table: Table, method: str) -> Row | None:
@@ -161,6 +169,9 @@ def compare_methods(results_dir: str | Path, task: str, method_a: str, method_b:
                           disable_numparse=True))
     if a.headline != b.headline:
         parts.append(f"\nnote: the headline is {a.headline} for A and {b.headline} for B")
+    if (a.headline, a.backbone) != (b.headline, b.backbone):
+        parts.append("note: the leaderboard does not rank these rows against each other (a rank compares one "
+                     "headline metric on one backbone)")
     others = [t.table_id for t, _, _ in shared if t is not table]
     if others:
         parts.append(f"\nother task protocols with both methods (pick one with --table ID): {', '.join(others)}")

@@ -14,12 +14,18 @@
   the same task options, since rounds and sampling do not touch them.
 - The headline is held-out domain accuracy (mean over held-out domains) where the task has
   held-out domains, else global-model test accuracy, else the mean client accuracy (methods
-  without a global model). The column ``headline`` names which one each row uses; rows are
-  ranked only against rows with the same headline metric.
+  without a global model). Within a table, rows are ranked only against rows of the same
+  headline metric and the same backbone (:mod:`fedbench.board.ranking`), one rank group each.
+- A diverged run (the record's ``diverged`` mark, or an older record that trained and has a
+  null train loss in some round) is never averaged nor ranked: it is listed under its table.
+- A table's chance level is 1 / the number of classes its records' partition names; a table
+  is marked reduced where its task or options make it a smoke-test protocol (:func:`reduced_reasons`).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import fields
@@ -27,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from fedbench.board.published import published_rows, task_published
-from fedbench.board.rows import STAT_NAMES, Board, Row, Table
+from fedbench.board.ranking import rank_group
+from fedbench.board.rows import STAT_NAMES, Board, DivergedRun, RankGroup, Row, Table
 from fedbench.board.stats import summarize
 from fedbench.board.validate import Validation, record_files, validate_file
 from fedbench.core import metrics as m
@@ -42,6 +49,20 @@ HASH_DIGITS = 12  # of the protocol and table ids shown on the board
 HEADLINES = ("heldout_acc_mean", "global_acc", "client_acc_mean")  # in order of preference
 _HEADLINE_METRICS = {name: (m.BUILTIN_METRICS[name], m.BUILTIN_METRICS[name].at_best_val()) for name in HEADLINES}
 UNKNOWN_COMMIT = "unknown"
+HEADLINE_NAMES = {"heldout_acc_mean": "held-out domain accuracy", "global_acc": "global-model test accuracy",
+                  "client_acc_mean": "mean client accuracy (each client's own model)"}
+# Where timing lives in a record (not yet metrics of fedbench.core.metrics): seconds of each round,
+# and of what comes before the rounds (loading the backbone, the data, encoding the inputs).
+ROUND_SECONDS = m.Metric("round_seconds", ("timing", "round_seconds"), False,
+                         "seconds of each round: training and evaluation", "seconds")
+INPUT_SECONDS = tuple(m.Metric(name, ("timing", name), False, f"timing.{name}", "seconds")
+                      for name in ("backbone_seconds", "data_seconds", "inputs_seconds"))
+CLASS_ACC = m.Metric("class_acc", (*m.LAST, "class_acc"), True, "each class's accuracy, pooled test set")
+TRAIN_LOSS_KEY = "train_loss"  # a round's mean client training loss (null: none, or not finite)
+# What a task says of itself when it is a reduced data set, until tasks declare it (see reduced_reasons).
+_REDUCED_WORDS = re.compile(r"\b(smoke[- ]tests?|demos?)\b", re.IGNORECASE)
+# Options that cap the data, 0 meaning all of it (label_skew's max_train, PACS's max_per_domain, ...).
+_SUBSAMPLE_OPTION = re.compile(r"^(max_\w+|samples_per_\w+)$")
 
 
 def protocol_of(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,13 +101,17 @@ def version_tag(method_version: int) -> str:
 
 def load_records(results_dir: str | Path, include_ci: bool = False
                  ) -> tuple[list[tuple[Path, dict[str, Any]]], list[Validation]]:
-    """Valid records under ``results_dir`` (sorted by path) and the verdicts on the invalid ones."""
+    """Valid records under ``results_dir`` (sorted by path) and the verdicts on the invalid ones.
+
+    A consistent diverged run has no problems and is returned with the valid ones: the board
+    lists it apart (:func:`divergence`), where a reader sees it, rather than among broken files.
+    """
     root = Path(results_dir)
     skip = [root / ABLATIONS_FOLDER] + ([] if include_ci else [root / CI_FOLDER])
     good, bad = [], []
     for path in record_files([root], skip=skip) if root.is_dir() else []:
         verdict = validate_file(path)
-        if verdict.ok and verdict.record is not None:
+        if not verdict.problems and verdict.record is not None:
             good.append((path, verdict.record))
         else:
             bad.append(verdict)
@@ -140,8 +165,96 @@ def _record_stats(record: Mapping[str, Any], headline: str) -> dict[str, float |
         "total_bytes": total,
         "bytes_per_round": total / rounds_run if rounds_run else 0,
         "trainable_params": m.TRAINABLE_PARAMS.read(record),
-        "wall_seconds": m.WALL_SECONDS.read(record),
+        **timing_seconds(record),
     }
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def timing_seconds(record: Mapping[str, Any]) -> dict[str, float | None]:
+    """The rounds' time apart from their inputs' (a warm feature cache shortens only the latter).
+
+    ``round_seconds``: the sum of ``timing.round_seconds`` (training and evaluation rounds);
+    ``seconds_per_round``: that over the rounds run (0 rounds: the one evaluation);
+    ``inputs_seconds``: ``timing.backbone_seconds + data_seconds + inputs_seconds``, the ones
+    recorded; ``wall_seconds``: the whole run. None where the record has no such timing.
+    """
+    rounds = ROUND_SECONDS.read(record)
+    per_round = [_seconds(x) for x in rounds] if isinstance(rounds, list) else []
+    total = sum(x for x in per_round if x is not None) if per_round else None
+    setup = [s for s in (_seconds(metric.read(record)) for metric in INPUT_SECONDS) if s is not None]
+    return {"round_seconds": total,
+            "seconds_per_round": total / max(len(per_round), 1) if total is not None else None,
+            "inputs_seconds": sum(setup) if setup else None,
+            "wall_seconds": _seconds(m.WALL_SECONDS.read(record))}
+
+
+def divergence(record: Mapping[str, Any]) -> tuple[int | None, str] | None:
+    """(round, reason) when the run diverged; None when it did not.
+
+    The engine marks a run whose loss became non-finite with ``"diverged": {"round", "reason"}``;
+    an older record carries no mark, so a run that trained and recorded a null train loss in a
+    trained round counts as diverged too (NaN losses were stored as null).
+    """
+    mark = record.get("diverged")
+    if mark is not None and mark is not False:
+        details = mark if isinstance(mark, Mapping) else {}
+        rnd = details.get("round")
+        return (rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else None,
+                str(details.get("reason") or "marked diverged"))
+    if (m.ROUNDS_RUN.read(record) or 0) > 0:
+        for r in record["metrics"]["rounds"]:
+            loss = r.get(TRAIN_LOSS_KEY)
+            if r.get("round", 0) >= 1 and (not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+                return r.get("round"), "train loss is null or not finite (an older record, no divergence mark)"
+    return None
+
+
+def num_classes(record: Mapping[str, Any]) -> int | None:
+    """The number of classes: ``partition.num_classes`` where a record states it, else the length of
+    the partition's class histograms (the built-in tasks record them), else of the per-class
+    accuracies (methods with a global model); None where none is recorded."""
+    partition = record.get("partition")
+    stated = partition.get("num_classes") if isinstance(partition, Mapping) else None
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0:  # where a record states it
+        return stated
+    hists = partition.get("class_histograms") if isinstance(partition, Mapping) else None
+    if isinstance(hists, list) and hists and isinstance(hists[0], list) and hists[0]:
+        return len(hists[0])
+    per_class = CLASS_ACC.read(record)
+    return len(per_class) if isinstance(per_class, list) and per_class else None
+
+
+def reduced_reasons(task: str, task_options: Mapping[str, Any], rounds: int | None) -> list[str]:
+    """Why a task protocol is reduced (a smoke test, not a benchmark result); [] when it is not.
+
+    Tasks do not declare this yet: the task's description or card source calling it a smoke
+    test or demo counts, as do options that subsample its data (``max_*``, ``samples_per_*``
+    above their default of 0, all) and fewer rounds than the task's default. A task card field
+    ``reduced`` (text: why) is read first where a task has one.
+    """
+    try:
+        entry = TASKS.get(task)
+        card = entry.obj.card
+    except Exception:  # a task from a plugin not installed here: nothing to read
+        return []
+    reasons = []
+    declared = getattr(card, "reduced", None)
+    if declared:
+        reasons.append(str(declared) if isinstance(declared, str) else "the task card marks it reduced")
+    elif _REDUCED_WORDS.search(f"{entry.description} {card.source}"):
+        reasons.append(f"reduced data: {entry.description}")
+    defaults = _option_defaults("task", task) or {}
+    for name, value in sorted(task_options.items()):
+        if (_SUBSAMPLE_OPTION.match(name) and defaults.get(name) == 0 and isinstance(value, int)
+                and not isinstance(value, bool) and value > 0):
+            reasons.append(f"subsampled data: {name}={value} (default: all)")
+    default_rounds = getattr(entry.obj, "default_rounds", None)
+    if rounds is not None and isinstance(default_rounds, int) and rounds < default_rounds:
+        reasons.append(f"{rounds} rounds, fewer than the task's default of {default_rounds}")
+    return reasons
 
 
 def _curve(records: list[Mapping[str, Any]], headline: str) -> list[tuple[int, float]]:
@@ -154,8 +267,9 @@ def _curve(records: list[Mapping[str, Any]], headline: str) -> list[tuple[int, f
     return [(rnd, statistics.fmean(v)) for rnd, v in sorted(per_round.items())]
 
 
-def measured_row(records: list[Mapping[str, Any]]) -> Row:
-    """Aggregate the records of one protocol (each one seed) into a row."""
+def measured_row(records: list[Mapping[str, Any]], paths: list[Path] | None = None) -> Row:
+    """Aggregate the records of one protocol (each one seed, none diverged) into a row; ``paths``:
+    their files, in the same order."""
     first = records[0]
     spec = first["spec"]
     if len({protocol_hash(r["spec"]) for r in records}) != 1:
@@ -164,6 +278,8 @@ def measured_row(records: list[Mapping[str, Any]]) -> Row:
     per_record = [_record_stats(r, headline) for r in records]
     stats = {name: summarize(s[name] for s in per_record) for name in STAT_NAMES}
     commits = {short_commit((r.get("provenance") or {}).get("git_commit")) for r in records}
+    by_seed = sorted(zip([r["spec"]["seed"] for r in records], paths or [], strict=False))
+    classes = {num_classes(r) for r in records} - {None}
     return Row(
         kind="measured", method=spec["method"], label=row_label(spec), backbone=spec["backbone"],
         headline=headline, stats=stats, protocol_hash=protocol_hash(spec),
@@ -172,6 +288,7 @@ def measured_row(records: list[Mapping[str, Any]]) -> Row:
         fidelity=str(first.get("fidelity") or ""), trains=(m.ROUNDS_RUN.read(first) or 0) > 0,
         method_class=str(spec.get("method_class") or ""),
         method_version=int(spec.get("method_version", UNVERSIONED)), commits=sorted(commits),
+        record_paths=[p for _, p in by_seed], num_classes=classes.pop() if len(classes) == 1 else None,
     )
 
 
@@ -180,13 +297,33 @@ def _table_protocol(spec: Mapping[str, Any], trains: bool) -> dict[str, Any]:
             "rounds": spec["rounds"] if trains else None, "sample": spec["sample"] if trains else None}
 
 
-def _sort_key(row: Row) -> tuple[Any, ...]:
-    # Rows are ranked only against rows with the same headline metric: a local-training row's
-    # mean client accuracy is never placed above (or below) another row's held-out accuracy.
-    kind = HEADLINES.index(row.headline) if row.headline in HEADLINES else len(HEADLINES)
-    score = row.score
-    return (kind, score is None, -(score or 0.0), row.kind != "measured", row.label, row.backbone,
-            row.protocol_hash)
+def _rank_groups(rows: list[Row]) -> list[RankGroup]:
+    """One group per (headline metric, backbone) of the measured rows, in headline order then by
+    backbone; a published row joins the group of its backbone and metric (no metric stated: the
+    first group of its backbone)."""
+    def order(key: tuple[str, str]) -> tuple[int, str]:
+        return (HEADLINES.index(key[0]) if key[0] in HEADLINES else len(HEADLINES)), key[1]
+
+    members: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        if row.kind == "measured":
+            members.setdefault((row.headline, row.backbone), []).append(row)
+    keys = sorted(members, key=order)
+    for row in rows:
+        if row.kind != "measured":
+            home = next((k for k in keys if k == (row.headline, row.backbone)), None) or next(
+                (k for k in keys if k[1] == row.backbone), None)
+            if home is not None:  # published_rows shows only numbers whose backbone a measured row has
+                members[home].append(row)
+    return [rank_group(headline, backbone, members[(headline, backbone)]) for headline, backbone in keys]
+
+
+def _table_of(proto: Mapping[str, Any], tables: dict[str, Table]) -> Table:
+    tid = json_digest(proto, HASH_DIGITS)
+    if tid not in tables:
+        tables[tid] = Table(tid, proto["task"], _table_label(proto), dict(proto),
+                            reduced=reduced_reasons(proto["task"], proto["task_options"], proto["rounds"]))
+    return tables[tid]
 
 
 def build_board(
@@ -194,34 +331,49 @@ def build_board(
     invalid: list[Validation] | None = None,
     published: Callable[[str], Mapping[str, Any]] = task_published,
 ) -> Board:
-    """Group valid records into protocol rows and task-protocol tables, add matching published rows."""
-    by_protocol: dict[str, list[dict[str, Any]]] = {}
-    for _, rec in sorted(records, key=lambda pr: str(pr[0])):
-        by_protocol.setdefault(protocol_hash(rec["spec"]), []).append(rec)
-    rows = [measured_row(recs) for _, recs in sorted(by_protocol.items())]
+    """Group valid records into protocol rows and task-protocol tables, rank them within groups of one
+    headline metric and backbone, add matching published rows, and list the diverged runs apart."""
+    by_protocol: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    diverged: list[tuple[dict[str, Any], DivergedRun]] = []
+    for path, rec in sorted(records, key=lambda pr: str(pr[0])):
+        verdict = divergence(rec)
+        if verdict is None:
+            by_protocol.setdefault(protocol_hash(rec["spec"]), []).append((path, rec))
+        else:
+            spec = rec["spec"]
+            diverged.append((rec, DivergedRun(path, row_label(spec), spec["backbone"], spec["seed"],
+                                              rec["spec_hash"], *verdict)))
+    rows = [measured_row([r for _, r in pairs], [p for p, _ in pairs]) for _, pairs in sorted(by_protocol.items())]
+    by_hash = {r.protocol_hash: r for r in rows}
+    for rec, run in diverged:
+        row = by_hash.get(protocol_hash(rec["spec"]))
+        if row is not None:
+            row.diverged_seeds = sorted([*row.diverged_seeds, run.seed])
 
     tables: dict[str, Table] = {}
     for row in rows:
         if row.trains:
-            proto = _table_protocol(row.protocol, True)
-            tid = json_digest(proto, HASH_DIGITS)
-            tables.setdefault(tid, Table(tid, proto["task"], _table_label(proto), proto)).rows.append(row)
+            _table_of(_table_protocol(row.protocol, True), tables).rows.append(row)
     for row in (r for r in rows if not r.trains):
         homes = [t for t in tables.values()
                  if t.task == row.protocol["task"] and t.protocol["task_options"] == row.protocol["task_options"]]
-        if not homes:
-            proto = _table_protocol(row.protocol, False)
-            tid = json_digest(proto, HASH_DIGITS)
-            homes = [tables.setdefault(tid, Table(tid, proto["task"], _table_label(proto), proto))]
-        for table in homes:
+        for table in homes or [_table_of(_table_protocol(row.protocol, False), tables)]:
             table.rows.append(row)
+    orphans = []
+    for rec, run in diverged:
+        tid = json_digest(_table_protocol(rec["spec"], True), HASH_DIGITS)
+        (tables[tid].diverged if tid in tables else orphans).append(run)
 
     not_shown: list[str] = []
     cards = {task: published(task) for task in sorted({t.task for t in tables.values()})}
     for table in tables.values():
         extra, why = published_rows(table, cards[table.task])
-        table.rows = sorted(table.rows + extra, key=_sort_key)
+        table.groups = _rank_groups(table.rows + extra)
+        table.rows = [r for g in table.groups for r in g.rows]
+        classes = {r.num_classes for r in table.rows if r.kind == "measured"} - {None}
+        table.num_classes = classes.pop() if len(classes) == 1 else None  # rows that disagree: no chance line
+        table.diverged.sort(key=lambda d: (d.label, d.seed, d.spec_hash))
         not_shown += why
     ordered = sorted(tables.values(), key=lambda t: (t.task, t.label, t.table_id))
     return Board(ordered, len(records), sorted(invalid or [], key=lambda v: str(v.path)),
-                 sorted(set(not_shown)))
+                 sorted(set(not_shown)), sorted(orphans, key=lambda d: str(d.path)))

@@ -7,8 +7,11 @@ an exit code; user errors are raised as :class:`fedbench.errors.FedbenchError` (
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from fedbench.errors import FedbenchError
+from fedbench.errors import FedbenchError, ResultsError
+
+_NO_RERUN = object()  # --rerun not given (None means --rerun all)
 
 
 def _sample(text: str) -> float | int:
@@ -31,16 +34,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _check_out_dir(out: str) -> None:
+    """Fail before building anything when ``--out`` cannot hold the leaderboard's files."""
+    import tempfile
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ResultsError(f"--out {out} is a file; the leaderboard is a folder (README.md, leaderboard.csv, "
+                           f"index.html): pass --out DIR with a folder's path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ResultsError(f"--out {out}: cannot write the leaderboard there ({exc.strerror or exc}); pass --out "
+                           f"DIR with a folder you can write to") from None
+    images = folder / "generated"  # where the records' image grids are copied
+    if images.exists() and not images.is_dir():
+        raise ResultsError(f"--out {out}: {images} is a file, but the leaderboard copies image grids into a "
+                           f"folder of that name; remove it or pass another --out DIR")
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from fedbench.board.leaderboard import write_leaderboard
 
-    board, written = write_leaderboard(args.results_dir, args.out, include_ci=args.include_ci)
+    if Path(args.results_dir).is_dir():  # else write_leaderboard says what --results-dir should be
+        _check_out_dir(args.out)
+    try:
+        board, written = write_leaderboard(args.results_dir, args.out, include_ci=args.include_ci)
+    except OSError as exc:  # the disk filled, an image grid vanished mid-way: each written file is whole
+        raise ResultsError(f"the leaderboard in {args.out} is not complete: {exc.filename}: {exc.strerror or exc}; "
+                           f"fix that and run it again (or pass --out DIR)") from None
     rows = sum(len(t.rows) for t in board.tables)
     print(f"{board.n_records} records -> {len(board.tables)} tables, {rows} rows: "
           + ", ".join(str(p) for p in written))
     for v in board.invalid:
-        print(f"left out invalid record {v.path}: {'; '.join(v.problems)}")
-    return 1 if board.invalid and args.strict else 0
+        what = "diverged" if v.status == "DIVERGED" else "invalid"
+        print(f"left out {what} record {v.path}: {'; '.join(v.reasons)}")
+    return 1 if any(v.status == "FAIL" for v in board.invalid) and args.strict else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -52,10 +83,36 @@ def cmd_check(args: argparse.Namespace) -> int:
                  cache_dir=args.cache_dir, verbose=args.verbose)
 
 
+def _rerun_count(text: str) -> int | None:
+    """``--rerun N`` (N >= 1) or ``--rerun all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of records >= 1, or all")
+    return n
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from fedbench.board.rerun import choose_sample, print_reruns
     from fedbench.board.validate import print_validations, validate_paths
 
-    return print_validations(validate_paths(args.records))
+    if args.rerun is _NO_RERUN and args.seed is not None:
+        raise FedbenchError(f"--seed {args.seed} picks the records --rerun N re-runs; give --rerun N too")
+    verdicts = validate_paths(args.records)
+    if not verdicts:  # a mistyped or empty folder must not read as a clean pass
+        raise ResultsError(f"no record found in {' '.join(args.records)} (no .json files; hidden ones are skipped): "
+                           f"give record files or the folder `fedbench run` wrote, e.g. `fedbench validate results/`")
+    code = print_validations(verdicts)
+    if args.rerun is _NO_RERUN:
+        return code
+    seed = args.seed or 0
+    sample = choose_sample(verdicts, args.rerun, seed)
+    passed = sum(not v.problems for v in verdicts)
+    return max(code, print_reruns(sample, passed, seed, cache_dir=args.cache_dir))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -111,6 +168,11 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
     p = sub.add_parser("validate", parents=[common], help="check result records (files or folders) against the schema")
     p.add_argument("records", nargs="+", metavar="RECORD")
+    p.add_argument("--rerun", type=_rerun_count, default=_NO_RERUN, metavar="N|all",
+                   help="also re-run N records that pass (or all) and compare their metrics exactly: the only check "
+                        "a consistent hand edit cannot pass")
+    p.add_argument("--seed", type=int, default=None, help="with --rerun N: which N records (default 0)")
+    p.add_argument("--cache-dir", default=None, help="with --rerun: the feature cache")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("compare", parents=[common], help="two records, or two methods on a task, side by side")

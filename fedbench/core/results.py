@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -110,21 +111,64 @@ def write_image_grids(images: dict[str, Any], record_file: Path) -> dict[str, st
     return out
 
 
+# Far above any record fedbench writes (the largest committed ones are tens of kB): a bigger file is
+# not a record, and reading it whole would only exhaust memory.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+_REWRITE = "delete it and re-run its spec"
+
+
 def _refuse_constant(name: str) -> None:
-    raise json.JSONDecodeError(f"{name} is not a valid number in a record", name, 0)
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json_strict(path: str | Path) -> Any:
+    """Parse one file as strict JSON (no NaN/Infinity; never code, never pickle).
+
+    Every way a user-given path can fail to be a JSON file (missing, a folder, a FIFO or device, a
+    symlink loop, unreadable, too large, not UTF-8, not JSON, nested too deep) is a
+    :class:`ResultsError` whose message names the file and the fix.
+    """
+    path = Path(path)
+    try:
+        # Non-blocking open, then fstat: a FIFO put where a record was must not hang the reader.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise ResultsError(f"{path} is a folder, not a record file; give one of its .json files "
+                                   f"(`fedbench validate {path}` checks every record in it)")
+            if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+                raise ResultsError(f"{path} is not a regular file, so not a record; give a record's .json file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_RECORD_BYTES + 1)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise ResultsError(f"no record at {path}; list records with `ls results/<task>/<method>/`") from None
+    except OSError as exc:  # permissions, a symlink loop, an I/O error
+        raise ResultsError(f"{path} cannot be read ({exc.strerror or exc}); check the path and its "
+                           f"permissions") from None
+    if len(data) > MAX_RECORD_BYTES:
+        raise ResultsError(f"{path} is larger than {MAX_RECORD_BYTES // 2**20} MiB, far more than any fedbench "
+                           f"record; it is not one ({_REWRITE})")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError as exc:
+        raise ResultsError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}), so not a record; "
+                           f"{_REWRITE}") from None
+    except RecursionError:
+        raise ResultsError(f"{path} is nested too deeply to be a record; {_REWRITE}") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer too long to convert
+        raise ResultsError(f"{path} is not valid JSON ({exc}); {_REWRITE}") from None
 
 
 def load_record(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except FileNotFoundError:
-        raise ResultsError(f"no record at {path}; list records with `ls results/<task>/<method>/`") from None
-    except json.JSONDecodeError as exc:
-        raise ResultsError(f"{path} is not valid JSON ({exc}); delete it and re-run its spec") from None
+    """A record file as a dict with the record's top-level keys; anything else is a ResultsError."""
+    record = read_json_strict(path)
     missing = [k for k in REQUIRED_KEYS if k not in record] if isinstance(record, dict) else list(REQUIRED_KEYS)
     if missing:
-        raise ResultsError(f"{path} is not a fedbench record (missing {missing})")
+        raise ResultsError(f"{path} is not a fedbench record (missing {missing}); "
+                           f"`fedbench validate {path}` says what is wrong")
     return record
 
 

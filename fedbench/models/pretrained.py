@@ -101,12 +101,28 @@ def remove_stale_partials(destination: Path) -> list[Path]:
     return removed
 
 
+def check_destination(name: str, destination: Path) -> None:
+    """``prepare`` replaces its destination: refuse one that is not a weights folder it wrote (a file,
+    a folder of other things), which the replacement would delete."""
+    fix = f"give a new or empty folder (`fedbench prepare {name} --out NEW_FOLDER`); nothing was changed"
+    if destination.exists() and not destination.is_dir():
+        raise BackboneUnavailableError(f"--out {destination} is a file; {name} weights are a folder: {fix}")
+    if destination.is_dir() and any(destination.iterdir()) and not (destination / MANIFEST).is_file():
+        raise BackboneUnavailableError(f"--out {destination} holds other files, not a {name} weights folder "
+                                       f"(no {MANIFEST}), and prepare would replace it: {fix}")
+
+
 def prepare(name: str, destination: Path | None = None, *, seed: int = 0, quick: bool = False,
             progress: bool = True) -> Path:
     """Train ``name`` and write it to ``destination`` (default: the cache), atomically."""
     entry = PRETRAINED.get(name).obj
     destination = Path(destination) if destination is not None else default_cache_folder(name)
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(name, destination)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackboneUnavailableError(f"cannot write {name} weights to {destination} ({exc.strerror or exc}: "
+                                       f"{exc.filename}); pass --out NEW_FOLDER where you can write") from None
     remove_stale_partials(destination)
     partial = destination.parent / f".{destination.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -158,6 +174,12 @@ def locate(name: str, explicit: str | Path | None = None) -> tuple[Path, dict[st
     """The verified folder of ``name``: ``explicit``, else the packaged copy, else the cache."""
     if explicit:
         folder = Path(explicit).expanduser()
+        if folder.exists() and not folder.is_dir():
+            # A file (a downloaded checkpoint, a text file) is not a prepared weights folder.
+            raise BackboneUnavailableError(
+                f"{name}: {folder} is a file, not a valid {name} checkpoint: {name} weights are a folder holding "
+                f"{MANIFEST} and the weight files it lists. Build one with `fedbench prepare {name} --out "
+                f"NEW_FOLDER` and give that folder, or leave the path out to use the packaged weights")
         if not folder.is_dir():
             raise BackboneUnavailableError(f"{name}: no folder at {folder}; build one with "
                                            f"`fedbench prepare {name} --out {folder}`")

@@ -173,12 +173,22 @@ def _openclip_create(name: str, arch: str, source: str, pretrained: str | None, 
     try:
         return open_clip.create_model(arch, pretrained=pretrained, device="cpu", output_dict=True, **kwargs)
     except Exception as exc:
-        what = f"the checkpoint {pretrained}" if pretrained and os.path.isfile(pretrained) else source
         shown = arch if arch in open_clip.list_models() else "ARCH"
+        said = " ".join(str(exc).split())[:300]  # one line: torch's messages span several
+        if pretrained and os.path.isfile(pretrained):
+            # The file is at fault (text, a truncated download, another architecture's weights), not a hub.
+            raise BackboneUnavailableError(
+                f"{name}: {pretrained} is not a valid open_clip checkpoint of {shown} (open_clip: "
+                f"{type(exc).__name__}: {said}). A checkpoint is that architecture's state dict "
+                f"(.pt/.bin via torch.save, or .safetensors): where a model hub is reachable, "
+                f"open_clip.create_model('{shown}', pretrained=TAG) downloads one into the hub cache "
+                f"(open_clip.list_pretrained_tags_by_model('{shown}') lists the tags); copy that file here "
+                f"and give it with --backbone openclip:{shown}@/path/to/checkpoint.pt"
+            ) from exc
         raise BackboneUnavailableError(
-            f"{name}: could not load {what}: hub weights need the network or a copy in the hub cache. "
+            f"{name}: could not load {source}: hub weights need the network or a copy in the hub cache. "
             f"Point at a local copy with --backbone openclip:{shown}@/path/to/checkpoint.pt. "
-            f"(open_clip: {type(exc).__name__}: {str(exc)[:300]})"
+            f"(open_clip: {type(exc).__name__}: {said})"
         ) from exc
 
 
