@@ -151,8 +151,9 @@ class FedCLIP(Method):
         # Only the adapter is sent: the equal-weight average needs no sample count.
         return ClientResult(upload=state_of(self.adapter), num_samples=len(data.train), train_loss=loss)
 
-    def train_epochs(self, train: Split, optimizer: torch.optim.Optimizer, rng: torch.Generator) -> float:
-        """``local_epochs`` shuffled passes; returns the mean loss of the last epoch's batches."""
+    def train_epochs(self, train: Split, optimizer: torch.optim.Optimizer, rng: torch.Generator) -> float | None:
+        """``local_epochs`` shuffled passes; returns the mean loss of the last epoch's batches (None
+        when no batch trained: not a NaN, which the engine would read as divergence)."""
         self.adapter.train()
         n, losses = len(train), []
         for _ in range(self.hp.local_epochs):
@@ -168,7 +169,7 @@ class FedCLIP(Method):
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-        return sum(losses) / len(losses) if losses else float("nan")
+        return sum(losses) / len(losses) if losses else None
 
     # server: A_{t+1} = (1/K) sum_k A_k
     def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:

@@ -218,7 +218,7 @@ class FedCMI(Method):
         return self.scale * anchor @ prototypes.T, proto_sum, proto_count
 
     def train_epochs(self, dominant: Tensor | None, weak: Tensor, y: Tensor, teacher: Tensor, tau: Tensor,
-                     anchors: Payload, rng: torch.Generator) -> float:
+                     anchors: Payload, rng: torch.Generator) -> float | None:
         params = dict(self.model.named_parameters())
         optimizer = torch.optim.Adam(params.values(), lr=self.hp.lr)
         self.model.train()
@@ -235,7 +235,7 @@ class FedCMI(Method):
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-        return sum(losses) / len(losses) if losses else float("nan")
+        return sum(losses) / len(losses) if losses else None  # not NaN: no batch is no divergence
 
     def loss_terms(self, dominant: Tensor | None, weak: Tensor, y: Tensor, teacher: Tensor, tau: Tensor,
                    params: dict[str, Tensor], anchors: Payload) -> dict[str, Tensor]:
