@@ -155,3 +155,19 @@ def test_best_val_and_last_round_are_reported(blobs_task):
     assert vals[best_round - 1] == max(vals)
     assert final["last"]["round"] == 3
     assert final["trainable_params"] == 15116
+
+
+def test_the_scoped_global_rng_draws_the_seeds_stream_and_restores_the_state_even_on_error():
+    from fedbench.federation.method import seeded_global_rng
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    with seeded_global_rng(7, cpu):
+        drawn = torch.rand(4)
+    assert torch.equal(drawn, torch.rand(4, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(RuntimeError), seeded_global_rng(8, cpu):
+        torch.rand(3)
+        raise RuntimeError("a client failed")
+    assert torch.equal(torch.get_rng_state(), before)
