@@ -13,6 +13,7 @@ Algorithm, per round t:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,8 +23,10 @@ from torch import Tensor
 from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
+from fedbench.federation.cohort import LocalSGD, batched_clients_requested, train_cohort
 from fedbench.federation.method import (
     ClientContext,
+    ClientJob,
     ClientResult,
     Message,
     Method,
@@ -103,6 +106,28 @@ class FedAvg(Method):
     ) -> ClientResult:
         loss = self.train_from(message.payload, data, client.rng, extra_loss=self.local_loss_term(message.payload))
         return ClientResult(upload=state_of(self.model), num_samples=len(data.train), train_loss=loss)
+
+    def client_update_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        # Opt-in (FEDBENCH_BATCHED_CLIENTS=1): all clients at once, equal to the loop up to float
+        # reassociation; any option the batched engine does not reproduce keeps the loop.
+        mu = self.cohort_proximal_mu()
+        if (not batched_clients_requested() or mu is None or self.hp.trainable != "simple-cnn"
+                or self.ctx.train_augment or any(job.message is None for job in jobs)):
+            return super().client_update_cohort(jobs)
+        sgd = LocalSGD(self.hp.local_epochs, self.hp.batch_size, self.hp.lr, self.hp.momentum,
+                       self.hp.weight_decay, mu)
+        trained, losses = train_cohort(self.model, self.inputs, [job.message.payload for job in jobs],
+                                       [(job.data.train.x, job.data.train.y) for job in jobs],
+                                       [job.context.rng for job in jobs], sgd)
+        return [ClientResult(upload=w, num_samples=len(job.data.train), train_loss=loss)
+                for job, w, loss in zip(jobs, trained, losses, strict=True)]
+
+    def cohort_proximal_mu(self) -> float | None:
+        """The proximal weight the batched engine adds to the client loss (0: none), or None when
+        this class's client update is not plain FedAvg's and so must run in the loop."""
+        plain = (type(self).client_update is FedAvg.client_update and type(self).train_from is FedAvg.train_from
+                 and type(self).local_loss_term is FedAvg.local_loss_term)
+        return 0.0 if plain else None
 
     def local_loss_term(self, global_weights: Payload) -> ExtraLoss | None:
         """Extra client loss term (none for FedAvg; FedProx overrides)."""

@@ -47,3 +47,9 @@ class FedProx(FedAvg):
             return (mu / 2) * sum(((params[k] - w) ** 2).sum() for k, w in anchors.items())
 
         return proximal
+
+    def cohort_proximal_mu(self) -> float | None:
+        # The batched engine adds (mu/2)||w - w_global||^2 itself; a subclass with another loss keeps the loop.
+        plain = (type(self).client_update is FedAvg.client_update and type(self).train_from is FedAvg.train_from
+                 and type(self).local_loss_term is FedProx.local_loss_term)
+        return self.hp.mu if plain else None

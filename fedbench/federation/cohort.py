@@ -1,0 +1,187 @@
+"""A batched client engine: every client of a round trained at once as one stacked model.
+
+The sequential path (:func:`fedbench.federation.train.run_local_epochs`) trains client after
+client through one model object, one small step at a time. Here the K clients' parameters are
+stacked along a leading axis (as ``torch.func.stack_module_state`` does) and one step of all of
+them is one ``vmap`` of ``grad(functional_call(model, ...))``, followed by a functional SGD step
+on the stacked tensors.
+
+Equivalence with the sequential path, step by step:
+
+- minibatch orders: each client draws ``torch.randperm(n, generator=rng)`` once per epoch from its
+  own round generator, exactly as the loop does, so every client sees the same batches in the same
+  order;
+- unequal sizes: client k runs ``epochs * ceil(n_k / B)`` steps. Clients are sorted by step count,
+  so at global step t the clients still training are a prefix of the stack; the others take no
+  step at all (no gradient, no weight decay, no momentum), as if they had stopped;
+- a short last batch: padded slots carry mask 0 and the loss divides by the real count, so the
+  mean cross-entropy is over the batch's real samples only;
+- SGD: the update of ``torch.optim.SGD`` (no dampening, no Nesterov): g += wd * w;
+  buf = momentum * buf + g (buf = g on the first step); w -= lr * buf;
+- FedProx: the proximal term (mu / 2) ||w - w_global||^2 is part of each client's loss.
+
+Results equal the sequential ones up to float reassociation (vmap's batched convolutions sum in
+another order), not bit for bit; tests/test_batched_clients.py states and holds the tolerance.
+
+Speed: on a few CPU cores this is no faster than the loop for simple-cnn. There the loop's time is
+already in the convolution and max-pool kernels, and vmap's grouped convolutions are slower per
+sample than the loop's plain ones; batching only saves the per-step overhead. The gain is on an
+accelerator, where one kernel per layer for the whole cohort replaces K small launches.
+benchmarks/bench_fedavg_round.py measures both paths side by side.
+
+Opt-in: the environment variable ``FEDBENCH_BATCHED_CLIENTS=1``. It is not a spec field, so specs,
+their hashes and committed records are untouched; a method still decides per round whether its
+options are ones this engine reproduces and falls back to the loop otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedbench.errors import SpecError
+
+BATCHED_CLIENTS_ENV = "FEDBENCH_BATCHED_CLIENTS"
+
+
+def batched_clients_requested() -> bool:
+    """True when ``FEDBENCH_BATCHED_CLIENTS=1``; unset, empty or 0: the sequential loop."""
+    value = os.environ.get(BATCHED_CLIENTS_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise SpecError(f"{BATCHED_CLIENTS_ENV}={value!r}: set it to 1 (train a round's clients at once) "
+                    f"or 0 / unset (one after another).")
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    """The local optimisation every client runs: E epochs of minibatch SGD (torch.optim.SGD's rule)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    mu: float = 0.0  # FedProx's proximal weight; 0: plain FedAvg
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every client's minibatches, laid out by global step. Clients are in ``order`` (most steps
+    first), so at step t the training clients are the first ``active[t]`` of the stack."""
+
+    order: list[int]  # position in the stack -> index of the job
+    steps: list[int]  # per stacked client: its number of steps
+    index: Tensor  # [T, K, B] int64 rows of the pooled inputs (padding points at a real row)
+    mask: Tensor  # [T, K, B] 1.0 for a real sample, 0.0 for padding
+    active: list[int]  # per step: how many clients (a prefix of the stack) take it
+
+
+def minibatch_plan(sizes: Sequence[int], rngs: Sequence[torch.Generator], epochs: int, batch_size: int) -> Plan:
+    """The sequential loop's shuffles (one randperm per client per epoch, from its own generator),
+    as pooled row indices: client j's rows start at ``sum(sizes[:j])``."""
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    batches_per_epoch = [-(-n // batch_size) for n in sizes]
+    order = sorted(range(len(sizes)), key=lambda j: -batches_per_epoch[j])  # stable: ties keep job order
+    steps = [epochs * batches_per_epoch[j] for j in order]
+    total = steps[0] if steps else 0
+    index = torch.zeros(total, len(sizes), batch_size, dtype=torch.long)
+    mask = torch.zeros(total, len(sizes), batch_size)
+    for slot, j in enumerate(order):
+        n = sizes[j]
+        index[:, slot, :] = offsets[j]  # padding reads the client's first row, weighted 0
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=rngs[j]) + offsets[j]
+            for b, start in enumerate(range(0, n, batch_size)):
+                rows = perm[start : start + batch_size]
+                t = epoch * batches_per_epoch[j] + b
+                index[t, slot, : len(rows)] = rows
+                mask[t, slot, : len(rows)] = 1.0
+    active = [sum(1 for s in steps if s > t) for t in range(total)]
+    return Plan(order, steps, index, mask, active)
+
+
+def _client_loss(model: nn.Module, mu: float):
+    """Loss of one client on one (padded) minibatch: masked mean cross-entropy (+ proximal term).
+    Returns (total, cross-entropy): the gradient is of the total, the reported loss is the CE."""
+
+    def loss(params: dict[str, Tensor], anchor: dict[str, Tensor], x: Tensor, y: Tensor,
+             mask: Tensor) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, params, (x,))
+        ce = (F.cross_entropy(logits, y, reduction="none") * mask).sum() / mask.sum().clamp(min=1.0)
+        total = ce
+        if mu:
+            total = ce + (mu / 2) * sum(((params[k] - anchor[k]) ** 2).sum() for k in params)
+        return total, ce
+
+    return loss
+
+
+@torch.no_grad()
+def _sgd_step(params: dict[str, Tensor], bufs: dict[str, Tensor], grads: dict[str, Tensor], a: int,
+              sgd: LocalSGD) -> None:
+    """torch.optim.SGD's update on the first ``a`` clients of the stack, in place. The buffers start
+    at zero, so the first step's momentum * 0 + g is exactly SGD's buf = g."""
+    for k, p in params.items():
+        w = p[:a]
+        g = grads[k]
+        if sgd.weight_decay:
+            g = g.add(w, alpha=sgd.weight_decay)
+        if sgd.momentum:
+            g = bufs[k][:a].mul_(sgd.momentum).add_(g)
+        w.add_(g, alpha=-sgd.lr)
+
+
+def train_cohort(model: nn.Module, inputs: nn.Module, starts: Sequence[dict[str, Tensor]],
+                 splits: Sequence[tuple[Tensor, Tensor]], rngs: Sequence[torch.Generator],
+                 sgd: LocalSGD) -> tuple[list[dict[str, Tensor]], list[float]]:
+    """Train client j from ``starts[j]`` on its split ``splits[j] = (x, y)`` with its generator
+    ``rngs[j]``; returns each client's trained parameters and its mean cross-entropy over the last
+    epoch's batches (as :func:`~fedbench.federation.train.run_local_epochs` reports it).
+
+    ``model`` supplies the architecture only (its own weights are not read or changed); it must hold
+    no buffers and draw no randomness in training (vmap refuses a random op), as SimpleCNN does."""
+    if any(True for _ in model.buffers()):
+        raise SpecError(f"{type(model).__name__} has buffers (batch norm?): the batched client engine "
+                        f"trains parameters only; unset FEDBENCH_BATCHED_CLIENTS for this model.")
+    if not starts:
+        return [], []
+    device = next(model.parameters()).device
+    plan = minibatch_plan([len(y) for _, y in splits], rngs, sgd.epochs, sgd.batch_size)
+    pool_x = torch.cat([x for x, _ in splits]).to(device)
+    pool_y = torch.cat([y for _, y in splits]).to(device)
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    # [K, ...] per parameter, in stack order (what torch.func.stack_module_state builds from modules)
+    params = {k: torch.stack([starts[j][k].detach().to(device, torch.float32) for j in plan.order]) for k in names}
+    anchors = {k: v.clone() for k, v in params.items()}  # each client's start: FedProx's w_global
+    bufs = {k: torch.zeros_like(v) for k, v in params.items()}
+    step = vmap(grad_and_value(_client_loss(model, sgd.mu), has_aux=True), randomness="error")
+    index, mask = plan.index.to(device), plan.mask.to(device)
+    losses = torch.zeros(len(plan.active), len(starts), device=device)  # read once at the end: no sync per step
+    for t, a in enumerate(plan.active):
+        rows = index[t, :a]
+        x = inputs(pool_x[rows.flatten()]).unflatten(0, (a, sgd.batch_size))
+        grads, (_, ce) = step({k: v[:a] for k, v in params.items()}, {k: v[:a] for k, v in anchors.items()},
+                              x, pool_y[rows], mask[t, :a])
+        _sgd_step(params, bufs, grads, a, sgd)
+        losses[t, :a] = ce.detach()
+    trained: list[dict[str, Tensor]] = [{} for _ in starts]
+    last: list[float] = [0.0 for _ in starts]
+    losses = losses.cpu()
+    for slot, j in enumerate(plan.order):
+        trained[j] = {k: params[k][slot].clone() for k in names}
+        per_epoch = plan.steps[slot] // sgd.epochs
+        vals = losses[plan.steps[slot] - per_epoch : plan.steps[slot], slot].tolist()
+        last[j] = float(sum(vals) / max(len(vals), 1))
+    return trained, last
+
