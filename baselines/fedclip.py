@@ -29,6 +29,7 @@ table with ``fedbench run fedclip pacs --backbone openclip:ViT-B-32/openai --rou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,11 @@ from fedbench.core.options import bounded
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData, Split
 from fedbench.errors import SpecError
+from fedbench.federation.cohort import batched_clients_requested
+from fedbench.federation.cohort_adam import LocalAdam, masked_mean, train_with_adam
 from fedbench.federation.method import (
     ClientContext,
+    ClientJob,
     ClientResult,
     Message,
     Method,
@@ -170,6 +174,31 @@ class FedCLIP(Method):
                 optimizer.step()
                 losses.append(loss.item())
         return sum(losses) / len(losses) if losses else None
+
+    def client_update_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        # Opt-in (FEDBENCH_BATCHED_CLIENTS=1): every client's adapter trained at once, equal to the
+        # loop above up to float reassociation.
+        if not batched_clients_requested() or any(job.message is None for job in jobs):
+            return super().client_update_cohort(jobs)
+        adam = LocalAdam(self.hp.local_epochs, self.hp.batch_size, self.hp.lr, self.hp.beta1, self.hp.beta2,
+                         self.hp.eps, self.hp.weight_decay, min_batch=2)
+        trained, losses = train_with_adam(
+            self.adapter, self.masked_batch_loss, [job.message.payload for job in jobs],
+            [(job.data.train.x.float(), job.data.train.y) for job in jobs], [job.context.rng for job in jobs], adam)
+        return [ClientResult(upload=a, num_samples=len(job.data.train), train_loss=loss)
+                for job, a, loss in zip(jobs, trained, losses, strict=True)]
+
+    def masked_batch_loss(self, adapter: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor,
+                          mask: Tensor) -> Tensor:
+        """The contrastive loss of one client's padded batch: padded samples are neither rows nor
+        negatives (their logits are -inf), and the mean is over the real rows."""
+        image = F.normalize(torch.func.functional_call(adapter, params, (x,)), dim=-1)
+        logits = self.logit_scale * image @ self.text[y].T
+        padded = mask[None, :] == 0
+        # -log softmax at the diagonal: cross-entropy against arange(B), each direction
+        rows = -logits.masked_fill(padded, -torch.inf).log_softmax(dim=1).diagonal()
+        cols = -logits.T.masked_fill(padded, -torch.inf).log_softmax(dim=1).diagonal()
+        return (masked_mean(rows, mask) + masked_mean(cols, mask)) / 2
 
     # server: A_{t+1} = (1/K) sum_k A_k
     def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:

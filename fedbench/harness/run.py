@@ -25,6 +25,7 @@ from fedbench.core.results import (
 from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
 from fedbench.errors import SpecError
 from fedbench.federation.checkpoint import Checkpoints, checkpoint_identity
+from fedbench.federation.cohort import batched_clients_requested
 from fedbench.federation.engine import run_federation
 from fedbench.federation.method import RunContext
 
@@ -151,6 +152,7 @@ def execute(
     if checkpoint_every is not None and checkpoint_every < 0:
         raise SpecError(f"--checkpoint-every {checkpoint_every}: a number of rounds >= 1, or 0 for none")
     run_device = resolve_device(device)
+    batched_clients_requested()  # a bad FEDBENCH_BATCHED_CLIENTS is refused before any data is read
     check_code_identity(spec)
     if results_dir is not None:
         check_writable(results_dir)
@@ -251,6 +253,8 @@ def execute(
             "started": started.isoformat(timespec="seconds"),
             "ended": ended.isoformat(timespec="seconds"),
             **({"resumed_from_round": out.resumed_from_round} if out.resumed_from_round is not None else {}),
+            # like the device: the same protocol, the last digits of a metric may differ
+            **({"batched_clients": True} if batched_clients_requested() else {}),
         },
     }
     if out.diverged is not None:

@@ -1,0 +1,138 @@
+"""All clients of a round trained at once with Adam: the batched engine for feature-level heads.
+
+A method whose clients train a small model on cached features (FedCLIP's adapter) spends a
+round in per-step overhead when clients are trained one after another: a 1,000-client round of
+FedCLIP on MNIST is 2,000 Adam steps of 32 samples each. Here the K clients' parameters are
+stacked along a leading axis and one step of all of them is one ``vmap`` of
+``grad(functional_call(model, ...))`` followed by a functional Adam step on the stacked tensors.
+
+Equivalence with the loop (tests/test_batched_clients_adam.py holds it):
+
+- minibatches: :func:`fedbench.federation.cohort.minibatch_plan` draws every client's shuffles
+  from its own generator exactly as the loop does;
+- a batch smaller than ``min_batch`` (FedCLIP skips batches of one) and a client that has run out
+  of steps take no step: no gradient, no weight decay, no moment update, no step count;
+- Adam: ``torch.optim.Adam``'s rule (L2 weight decay added to the gradient, bias corrections from
+  each client's own step count), with a fresh state per round as the method's loop builds it;
+- the loss each client reports is the mean over the last epoch's trained batches, None if none.
+
+Results equal the loop's up to float reassociation (batched matrix products sum in another
+order), not bit for bit; it is opt-in (``FEDBENCH_BATCHED_CLIENTS=1``) for that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from fedbench.federation.cohort import minibatch_plan
+
+# loss(model, params, x [B, ...], y [B], mask [B]) -> the mean loss over the real samples
+ClientLoss = Callable[[nn.Module, dict[str, Tensor], Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LocalAdam:
+    """What every client runs: ``epochs`` shuffled passes in batches of ``batch_size`` with a fresh
+    ``torch.optim.Adam(lr, betas, eps, weight_decay)``; batches under ``min_batch`` are skipped."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    min_batch: int = 1
+
+
+def train_with_adam(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[str, Tensor]],
+                    data: Sequence[tuple[Tensor, Tensor]], rngs: Sequence[torch.Generator],
+                    adam: LocalAdam) -> tuple[list[dict[str, Tensor]], list[float | None]]:
+    """Train client j from ``starts[j]`` on ``data[j]`` = (x, y) with generator ``rngs[j]``; return
+    each client's trained parameters and last-epoch mean loss, in job order."""
+    k = len(starts)
+    if k == 0:
+        return [], []
+    plan = minibatch_plan([len(y) for _, y in data], rngs, adam.epochs, adam.batch_size)
+    pooled_x = torch.cat([x for x, _ in data])
+    pooled_y = torch.cat([y for _, y in data])
+    names = list(starts[0])
+    params = {n: torch.stack([starts[j][n] for j in plan.order]).clone() for n in names}
+    exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
+    exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    step_count = torch.zeros(k, dtype=torch.float64)
+
+    def one_client(p: dict[str, Tensor], x: Tensor, y: Tensor, m: Tensor) -> Tensor:
+        return loss(model, p, x, y, m)
+
+    # vmap for the forward only; one backward of the summed losses gives every client its own
+    # gradient (clients share no parameter), faster on CPU than vmap over grad.
+    losses_of = vmap(one_client)
+    steps_per_epoch = [s // adam.epochs for s in plan.steps]
+    loss_sum = torch.zeros(k, dtype=torch.float64)
+    loss_count = torch.zeros(k, dtype=torch.float64)
+    for t, active in enumerate(plan.active):
+        index, mask = plan.index[t, :active], plan.mask[t, :active]
+        trains = mask.sum(1) >= adam.min_batch  # [active]
+        if not bool(trains.any()):
+            continue
+        x, y = pooled_x[index], pooled_y[index]
+        leaves = {n: p[:active].detach().requires_grad_(True) for n, p in params.items()}
+        losses = losses_of(leaves, x, y, mask)
+        torch.where(trains, losses, 0.0).sum().backward()
+        grads = {n: leaf.grad for n, leaf in leaves.items()}
+        step_count[:active] += trains.double()
+        _adam_step(params, exp_avg, exp_avg_sq, grads, step_count[:active], trains, adam)
+        # the loop reports the mean of its last epoch's batches
+        last_epoch = torch.tensor([t >= (adam.epochs - 1) * steps_per_epoch[s] for s in range(active)])
+        counted = trains & last_epoch
+        loss_sum[:active] += torch.where(counted, losses.detach().double(), 0.0)
+        loss_count[:active] += counted.double()
+    trained: list[dict[str, Tensor]] = [{} for _ in range(k)]
+    reported: list[float | None] = [None] * k
+    for slot, j in enumerate(plan.order):
+        trained[j] = {n: params[n][slot].clone() for n in names}
+        if loss_count[slot] > 0:
+            reported[j] = float(loss_sum[slot] / loss_count[slot])
+    return trained, reported
+
+
+def _adam_step(params: dict[str, Tensor], exp_avg: dict[str, Tensor], exp_avg_sq: dict[str, Tensor],
+               grads: dict[str, Tensor], steps: Tensor, trains: Tensor, adam: LocalAdam) -> None:
+    """``torch.optim.Adam.step`` (single-tensor, no amsgrad) on the first ``len(trains)`` stacked
+    clients, in place; clients with ``trains`` False keep their parameters and moments unchanged."""
+    active = len(trains)
+    idle = (~trains).nonzero().squeeze(1)
+    everyone = len(idle) == 0
+    safe_steps = steps.clamp(min=1)  # a client that has not stepped yet is masked out below
+    bias2_sqrt = (1 - adam.beta2 ** safe_steps).sqrt()
+    step_size = adam.lr / (1 - adam.beta1 ** safe_steps)
+    for n, p in params.items():
+        shape = (active,) + (1,) * (p.dim() - 1)
+        w, m, v, g = p[:active], exp_avg[n][:active], exp_avg_sq[n][:active], grads[n]
+        if not everyone:  # a few clients with a batch too small to train: save their rows to put back
+            kept = (w[idle].clone(), m[idle].clone(), v[idle].clone())
+        # in place, the gradient's buffer reused for the step: every fresh [K, ...] temporary
+        # costs page faults that, measured, outweigh the arithmetic
+        if adam.weight_decay:
+            g.add_(w, alpha=adam.weight_decay)
+        m.lerp_(g, 1 - adam.beta1)
+        v.mul_(adam.beta2).addcmul_(g, g, value=1 - adam.beta2)
+        step = torch.sqrt(v, out=g).div_(bias2_sqrt.to(w.dtype).view(shape)).add_(adam.eps)  # the denominator
+        torch.div(m, step, out=step).mul_(step_size.to(w.dtype).view(shape))
+        w.sub_(step)
+        if not everyone:
+            for now, before in zip((w, m, v), kept, strict=True):
+                now[idle] = before
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over the real samples (mask 1); 0 when there are none. ``where``, not a
+    product: a padded sample's value may be infinite, and inf * 0 is NaN."""
+    return torch.where(mask > 0, values, 0.0).sum() / mask.sum().clamp(min=1)
+
