@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         requests_heldout_all,
         summarize_heldout,
     )
-    from fedbench.harness.run import execute, resolve_spec
+    from fedbench.harness.run import resolve_spec
 
     _set_threads(args.threads)
     if requests_heldout_all(args.set or []):  # leave-one-domain-out over every domain in turn
@@ -113,17 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         records = []
         for spec in specs:
-            progress = _Progress(spec.rounds)
-            try:
-                records.append(execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress,
-                                       device=args.device, checkpoint_every=args.checkpoint_every,
-                                       resume=args.resume))
-            except KeyboardInterrupt:
-                progress.close()
-                _say_how_to_resume(spec, args)
-                raise
-            finally:
-                progress.close()
+            records.append(_execute(spec, args))
         rows = summarize_heldout(records, TASKS.get(args.task).obj.card, specs[0].backbone)
         print(format_heldout_table(rows, specs[0].backbone))
         if args.json:
@@ -135,22 +125,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.method, args.task, backbone=args.backbone, seed=args.seed, rounds=args.rounds,
         clients=args.clients, sample=args.sample, sets=args.set or [], eval_every=args.eval_every,
     )
-    progress = _Progress(spec.rounds)
-    try:
-        record = execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress, device=args.device,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume)
-    except KeyboardInterrupt:
-        progress.close()
-        _say_how_to_resume(spec, args)
-        raise
-    finally:
-        progress.close()
+    record = _execute(spec, args)
     if args.json:
         print(json.dumps(record, indent=1, sort_keys=True))
     else:
         print_summary(record)
     check_diverged(record)
     return 0
+
+
+def _execute(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One run with a progress bar; on Ctrl-C, says how to resume it before the interrupt goes on."""
+    from fedbench.harness.run import execute
+
+    progress = _Progress(spec.rounds)
+    try:
+        return execute(spec, args.results_dir, cache_dir=args.cache_dir, on_round=progress, device=args.device,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except KeyboardInterrupt:
+        progress.close()  # first, so the bar does not overwrite the hint
+        _say_how_to_resume(spec, args)
+        raise
+    finally:
+        progress.close()
 
 
 def _say_how_to_resume(spec: Any, args: argparse.Namespace) -> None:

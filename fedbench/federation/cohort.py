@@ -111,6 +111,33 @@ def minibatch_plan(sizes: Sequence[int], rngs: Sequence[torch.Generator], epochs
     return Plan(order, steps, index, mask, active)
 
 
+def stacked(starts: Sequence[dict[str, Tensor]], plan: Plan, names: Sequence[str],
+            device: torch.device) -> dict[str, Tensor]:
+    """[K, ...] per parameter in stack order (what torch.func.stack_module_state builds from modules)."""
+    return {k: torch.stack([starts[j][k].detach().to(device, torch.float32) for j in plan.order]) for k in names}
+
+
+def unstacked(params: dict[str, Tensor], plan: Plan) -> list[dict[str, Tensor]]:
+    """Each client's own parameters again, in job order."""
+    out: list[dict[str, Tensor]] = [{} for _ in plan.order]
+    for slot, j in enumerate(plan.order):
+        out[j] = {k: v[slot].clone() for k, v in params.items()}
+    return out
+
+
+def last_epoch_means(losses: Tensor, counted: Tensor, plan: Plan, epochs: int) -> list[float | None]:
+    """Per job, the mean of ``losses[t, slot]`` over its last epoch's steps that ``counted`` marks
+    (what the loops report), None where none is marked. ``losses``, ``counted``: [T, K], stack order."""
+    losses, counted = losses.cpu(), counted.cpu()
+    out: list[float | None] = [None for _ in plan.order]
+    for slot, j in enumerate(plan.order):
+        end = plan.steps[slot]
+        window = slice(end - end // epochs, end)
+        vals = losses[window, slot][counted[window, slot]].tolist()
+        out[j] = sum(vals) / len(vals) if vals else None
+    return out
+
+
 def _client_loss(model: nn.Module, mu: float):
     """Loss of one client on one (padded) minibatch: masked mean cross-entropy (+ proximal term).
     Returns (total, cross-entropy): the gradient is of the total, the reported loss is the CE."""
@@ -161,8 +188,7 @@ def train_cohort(model: nn.Module, inputs: nn.Module, starts: Sequence[dict[str,
     pool_x = torch.cat([x for x, _ in splits]).to(device)
     pool_y = torch.cat([y for _, y in splits]).to(device)
     names = [k for k, p in model.named_parameters() if p.requires_grad]
-    # [K, ...] per parameter, in stack order (what torch.func.stack_module_state builds from modules)
-    params = {k: torch.stack([starts[j][k].detach().to(device, torch.float32) for j in plan.order]) for k in names}
+    params = stacked(starts, plan, names, device)
     anchors = {k: v.clone() for k, v in params.items()}  # each client's start: FedProx's w_global
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}
     step = vmap(grad_and_value(_client_loss(model, sgd.mu), has_aux=True), randomness="error")
@@ -175,13 +201,8 @@ def train_cohort(model: nn.Module, inputs: nn.Module, starts: Sequence[dict[str,
                               x, pool_y[rows], mask[t, :a])
         _sgd_step(params, bufs, grads, a, sgd)
         losses[t, :a] = ce.detach()
-    trained: list[dict[str, Tensor]] = [{} for _ in starts]
-    last: list[float] = [0.0 for _ in starts]
-    losses = losses.cpu()
-    for slot, j in enumerate(plan.order):
-        trained[j] = {k: params[k][slot].clone() for k in names}
-        per_epoch = plan.steps[slot] // sgd.epochs
-        vals = losses[plan.steps[slot] - per_epoch : plan.steps[slot], slot].tolist()
-        last[j] = float(sum(vals) / max(len(vals), 1))
-    return trained, last
+    counted = torch.arange(len(plan.active))[:, None] < torch.tensor(plan.steps)[None, :]  # every step trains
+    # a client with no sample reports 0.0, as run_local_epochs does
+    last = [0.0 if m is None else m for m in last_epoch_means(losses, counted, plan, sgd.epochs)]
+    return unstacked(params, plan), last
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from fedbench.federation.cohort import minibatch_plan
+from fedbench.federation.cohort import last_epoch_means, minibatch_plan, stacked, unstacked
 
 # loss(model, params, x [B, ...], y [B], mask [B]) -> the mean loss over the real samples
 ClientLoss = Callable[[nn.Module, dict[str, Tensor], Tensor, Tensor, Tensor], Tensor]
@@ -61,8 +61,7 @@ def train_with_adam(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[st
     plan = minibatch_plan([len(y) for _, y in data], rngs, adam.epochs, adam.batch_size)
     pooled_x = torch.cat([x for x, _ in data])
     pooled_y = torch.cat([y for _, y in data])
-    names = list(starts[0])
-    params = {n: torch.stack([starts[j][n] for j in plan.order]).clone() for n in names}
+    params = stacked(starts, plan, list(starts[0]), pooled_x.device)
     exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
     exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
     step_count = torch.zeros(k, dtype=torch.float64)
@@ -73,9 +72,8 @@ def train_with_adam(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[st
     # vmap for the forward only; one backward of the summed losses gives every client its own
     # gradient (clients share no parameter), faster on CPU than vmap over grad.
     losses_of = vmap(one_client)
-    steps_per_epoch = [s // adam.epochs for s in plan.steps]
-    loss_sum = torch.zeros(k, dtype=torch.float64)
-    loss_count = torch.zeros(k, dtype=torch.float64)
+    losses = torch.zeros(len(plan.active), k)  # [T, K], read once at the end
+    counted = torch.zeros(len(plan.active), k, dtype=torch.bool)  # steps a client trained
     for t, active in enumerate(plan.active):
         index, mask = plan.index[t, :active], plan.mask[t, :active]
         trains = mask.sum(1) >= adam.min_batch  # [active]
@@ -83,23 +81,14 @@ def train_with_adam(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[st
             continue
         x, y = pooled_x[index], pooled_y[index]
         leaves = {n: p[:active].detach().requires_grad_(True) for n, p in params.items()}
-        losses = losses_of(leaves, x, y, mask)
-        torch.where(trains, losses, 0.0).sum().backward()
+        step_losses = losses_of(leaves, x, y, mask)
+        torch.where(trains, step_losses, 0.0).sum().backward()
         grads = {n: leaf.grad for n, leaf in leaves.items()}
         step_count[:active] += trains.double()
         _adam_step(params, exp_avg, exp_avg_sq, grads, step_count[:active], trains, adam)
-        # the loop reports the mean of its last epoch's batches
-        last_epoch = torch.tensor([t >= (adam.epochs - 1) * steps_per_epoch[s] for s in range(active)])
-        counted = trains & last_epoch
-        loss_sum[:active] += torch.where(counted, losses.detach().double(), 0.0)
-        loss_count[:active] += counted.double()
-    trained: list[dict[str, Tensor]] = [{} for _ in range(k)]
-    reported: list[float | None] = [None] * k
-    for slot, j in enumerate(plan.order):
-        trained[j] = {n: params[n][slot].clone() for n in names}
-        if loss_count[slot] > 0:
-            reported[j] = float(loss_sum[slot] / loss_count[slot])
-    return trained, reported
+        losses[t, :active] = step_losses.detach()
+        counted[t, :active] = trains
+    return unstacked(params, plan), last_epoch_means(losses, counted, plan, adam.epochs)
 
 
 def _adam_step(params: dict[str, Tensor], exp_avg: dict[str, Tensor], exp_avg_sq: dict[str, Tensor],

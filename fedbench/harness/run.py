@@ -198,9 +198,10 @@ def execute(
         pixel_mean=dataset.pixel_mean, pixel_std=dataset.pixel_std, train_augment=dataset.train_augment,
         seed=spec.seed, device=run_device, modalities=modalities,
     )
+    data_fingerprint = dataset.fingerprint()  # hashes every pixel: once, for the checkpoint and the record
     checkpoints = None
     if results_dir is not None:
-        identity = checkpoint_identity(spec.spec_hash, dataset.fingerprint(), backbone_fingerprint)
+        identity = checkpoint_identity(spec.spec_hash, data_fingerprint, backbone_fingerprint)
         checkpoints = Checkpoints(checkpoint_path(results_dir, spec), identity, checkpoint_every, resume)
     out = run_federation(method_cls, hp, ctx, dataset, inputs, rounds=spec.rounds, sample=spec.sample,
                          eval_every=spec.eval_every, on_round=on_round, checkpoints=checkpoints)
@@ -246,7 +247,7 @@ def execute(
         "provenance": {
             "packages": package_versions(),
             "git_commit": git_commit(),
-            "data_fingerprint": dataset.fingerprint(),
+            "data_fingerprint": data_fingerprint,
             "backbone_fingerprint": backbone_fingerprint,
             "machine": machine(),
             "device": str(run_device),
