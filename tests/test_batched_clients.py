@@ -19,6 +19,7 @@ from fedbench.baselines.fedprox import FedProx, FedProxHparams
 from fedbench.baselines.local import Local
 from fedbench.data.dataset import ClientIndices, FederatedDataset
 from fedbench.errors import DataError, SpecError
+from fedbench.federation import cohort
 from fedbench.federation.cohort import BATCHED_CLIENTS_ENV, batched_clients_requested, minibatch_plan
 from fedbench.federation.engine import run_federation
 from fedbench.federation.method import ClientContext, ClientJob, Message, RunContext, seeded_global_rng
@@ -84,7 +85,9 @@ def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 @pytest.mark.parametrize(("method_cls", "hp"), [(FedAvg, FEDAVG), (FedProx, FEDPROX), (FedAvg, PLAIN_SGD)],
                          ids=["fedavg", "fedprox", "no-momentum-no-decay"])
-def test_batched_client_updates_equal_the_sequential_ones(method_cls, hp, monkeypatch):
+@pytest.mark.parametrize("chunk_bytes", [2**30, 1], ids=["one-chunk", "one-client-per-chunk"])
+def test_batched_client_updates_equal_the_sequential_ones(method_cls, hp, chunk_bytes, monkeypatch):
+    monkeypatch.setitem(cohort.CHUNK_BYTES, "cpu", chunk_bytes)
     sequential = _cohort(method_cls, hp, False, monkeypatch)
     batched = _cohort(method_cls, hp, True, monkeypatch)
     start = state_of(_built(method_cls, hp).model)

@@ -9,6 +9,7 @@ import torch
 
 from fedbench.baselines.fedclip import FedCLIP, FedCLIPHparams
 from fedbench.data.dataset import Split
+from fedbench.federation import cohort, cohort_adam
 from fedbench.federation.cohort_adam import LocalAdam, _adam_step, train_with_adam
 from fedbench.federation.method import RunContext
 from fedbench.federation.train import load_state, state_of
@@ -39,7 +40,13 @@ def _loop(method: FedCLIP, start, x, y, seed):
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
-def test_every_client_ends_where_the_loop_ends(epochs):
+@pytest.mark.parametrize("chunk", [7, 3, 1])
+def test_every_client_ends_where_the_loop_ends(epochs, chunk, monkeypatch):
+    # 7 clients in one chunk, in chunks of 3 (the largest together), one at a time
+    monkeypatch.setitem(cohort.CHUNK_BYTES, "cpu", chunk * 4 * (2 * 16 * 16 + 2 * 16))  # adapters of 16 dims
+    chunks = []
+    real_chunk = cohort_adam._train_chunk
+    monkeypatch.setattr(cohort_adam, "_train_chunk", lambda *a: chunks.append(len(a[2])) or real_chunk(*a))
     # sizes: a short last batch (20, 45), a last batch of one that is skipped (33, 65), one sample
     # (never trains), several batches (97); distinct starts so a mix-up of clients shows
     method = _fedclip(local_epochs=epochs, lr=1e-2)
@@ -60,6 +67,7 @@ def test_every_client_ends_where_the_loop_ends(epochs):
             assert losses[j] == pytest.approx(loss, rel=1e-5)
         moved = max((expected[k] - starts[j][k]).abs().max().item() for k in expected)
         assert (moved > 1e-4) == (sizes[j] > 1)  # the comparison can tell a trained adapter from a start
+    assert chunks == [chunk] * (7 // chunk) + ([7 % chunk] if 7 % chunk else [])
 
 
 def test_the_functional_adam_step_is_torchs():

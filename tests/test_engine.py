@@ -124,6 +124,31 @@ def test_weighted_average_weights_by_count():
     assert torch.allclose(out["w"], torch.tensor([0.75, 0.25]))
 
 
+def test_weighted_average_is_the_float64_sum_of_the_stacked_states_bit_for_bit():
+    # The committed records' averages: per-client float64 copies stacked, then one tensordot with
+    # the normalised weights. Any reordering of that sum would move their last digits.
+    gen = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(33, 17, generator=gen), "b": torch.randn(17, generator=gen),
+               "h": torch.randn(5, generator=gen).half(), "s": torch.randn((), generator=gen)} for _ in range(300)]
+    weights = torch.rand(300, generator=gen) * 100
+    w = weights.double() / weights.double().sum()
+    out = weighted_average(states, weights)
+    for key, value in states[0].items():
+        expected = torch.tensordot(w, torch.stack([s[key].double() for s in states]), dims=1).to(value.dtype)
+        assert out[key].dtype == value.dtype and out[key].shape == value.shape
+        assert torch.equal(out[key], expected), key
+
+
+def test_the_channel_carries_views_and_transposes_and_the_receiver_owns_its_copy():
+    base = torch.arange(12.0).reshape(3, 4)
+    sent = {"row0": base[0], "row1": base[1], "t": base.T, "whole": base}  # views that share one storage
+    got = Channel().up(Message(sent, client_id=1, round=1, num_samples=3)).payload
+    for key, value in sent.items():
+        assert torch.equal(got[key], value), key
+    base.add_(100)  # the sender changes its tensors after sending: what was received does not move
+    assert torch.equal(got["whole"], torch.arange(12.0).reshape(3, 4))
+
+
 def test_channel_refuses_non_tensor_payloads():
     with pytest.raises(FedbenchError, match="not tensors"):
         Channel().up(Message({"n": 3}, client_id=0, round=1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,12 @@ def encode(message: Message, direction: str) -> bytes:
             raise FedbenchError(f"message {key}={value!r}: must be a non-negative int (a method returns "
                                 f"ClientResult(num_samples=len(data.train)) for the samples it trained on)")
     metadata = {k: str(getattr(message, k)) for k in envelope}
-    # safetensors refuses views that share storage; a contiguous CPU copy is what a wire would carry.
-    return st_save({k: v.detach().cpu().contiguous().clone() for k, v in payload.items()}, metadata=metadata)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in payload.items()}
+    # safetensors refuses entries that share storage (views of one tensor): copy those only, not
+    # every tensor of every message
+    owners = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    return st_save({k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t for k, t in tensors.items()},
+                   metadata=metadata)
 
 
 def decode(wire: bytes, device: torch.device | None = None) -> Message:

@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from fedbench.federation.cohort import last_epoch_means, minibatch_plan, stacked, unstacked
+from fedbench.federation.cohort import (
+    clients_per_chunk,
+    in_chunks,
+    last_epoch_means,
+    minibatch_plan,
+    stacked,
+    unstacked,
+)
 
 # loss(model, params, x [B, ...], y [B], mask [B]) -> the mean loss over the real samples
 ClientLoss = Callable[[nn.Module, dict[str, Tensor], Tensor, Tensor, Tensor], Tensor]
@@ -55,9 +62,18 @@ def train_with_adam(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[st
                     adam: LocalAdam) -> tuple[list[dict[str, Tensor]], list[float | None]]:
     """Train client j from ``starts[j]`` on ``data[j]`` = (x, y) with generator ``rngs[j]``; return
     each client's trained parameters and last-epoch mean loss, in job order."""
-    k = len(starts)
-    if k == 0:
+    if not starts:
         return [], []
+    chunk = clients_per_chunk(list(starts[0].values()), data[0][0].device)
+    return in_chunks(lambda jobs: _train_chunk(model, loss, [starts[j] for j in jobs], [data[j] for j in jobs],
+                                               [rngs[j] for j in jobs], adam),
+                     [len(y) for _, y in data], chunk)
+
+
+def _train_chunk(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[str, Tensor]],
+                 data: Sequence[tuple[Tensor, Tensor]], rngs: Sequence[torch.Generator],
+                 adam: LocalAdam) -> tuple[list[dict[str, Tensor]], list[float | None]]:
+    k = len(starts)
     plan = minibatch_plan([len(y) for _, y in data], rngs, adam.epochs, adam.batch_size)
     pooled_x = torch.cat([x for x, _ in data])
     pooled_y = torch.cat([y for _, y in data])

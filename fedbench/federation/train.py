@@ -69,12 +69,19 @@ def load_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def weighted_average(states: list[dict[str, Tensor]], weights: Tensor) -> dict[str, Tensor]:
-    """sum_k w_k * state_k with w normalised to sum to one, stacked per tensor (no Python loop
-    over clients per element)."""
+    """sum_k w_k * state_k with w normalised to sum to one, in float64, stacked per tensor (no Python
+    loop over clients per element)."""
     w = weights.double() / weights.double().sum()
+    first = states[0]
+    # One float64 stack reused by every tensor, filled by stack's out= (which converts as it copies):
+    # the same values in the same layout as stacking per-client .double() copies, so the same sums
+    # bit for bit, without a fresh [K, ...] float64 temporary per client and per tensor.
+    buffer = torch.empty(len(states) * max(v.numel() for v in first.values()), dtype=torch.float64,
+                         device=next(iter(first.values())).device)
+    w = w.to(buffer.device)
     out = {}
-    for key in states[0]:
-        stacked = torch.stack([s[key].double() for s in states])
-        w = w.to(stacked.device)
-        out[key] = torch.tensordot(w, stacked, dims=1).to(states[0][key].dtype)
+    for key, value in first.items():
+        stacked = buffer[: len(states) * value.numel()].view(len(states), *value.shape)
+        torch.stack([s[key] for s in states], out=stacked)
+        out[key] = torch.tensordot(w, stacked, dims=1).to(value.dtype)
     return out
