@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import Tensor
 
+from fedbench.data.pool import pixels_fingerprint
+
 
 @dataclass(frozen=True)
 class Split:
@@ -120,14 +122,6 @@ class FederatedDataset:
                 )
             )
         return out
-
-
-def pixels_fingerprint(images: Tensor) -> str:
-    """Content hash of an image pool (shape, dtype and bytes)."""
-    h = hashlib.sha256()
-    h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
-    h.update(images.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

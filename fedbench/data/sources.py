@@ -6,7 +6,6 @@ Task modules (``fedbench.tasks``) share these helpers; nothing here knows about 
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fedbench.data.pool import empty_pool
 from fedbench.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -96,13 +96,12 @@ def hf_images(ds: Any, rows: np.ndarray, image_col: str, where: str) -> Iterable
 
 # --------------------------------------------------------------------------------------------
 # Decoding: PIL decodes each file once; resizing runs batched in torch (same-size images of a
-# chunk are resized together). Decoded pools are kept in memory for the process, never on disk.
+# chunk are resized together). Decoded pools are kept for the process, in memory or memory-mapped.
 # --------------------------------------------------------------------------------------------
 
 _CHUNK = 256
 _POOL_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
 _POOL_CACHE_SIZE = 2
-_POOL_WARN_BYTES = 16 * 2**30
 
 
 def as_rgb_array(image: Image.Image) -> np.ndarray:
@@ -124,15 +123,12 @@ def stack_resized(arrays: Iterable[np.ndarray], n: int, size: int, desc: str = "
     """Stack ``n`` uint8 [H,W,3] arrays into uint8 [n,3,size,size], resizing batched in torch.
 
     Images are squashed to the square (no crop), as DomainBed and FedBN resize; bilinear with
-    antialiasing, which matches PIL's resize. Memory stays at one chunk of full-size images.
+    antialiasing, which matches PIL's resize. Memory stays at one chunk of full-size images, and
+    a pool too large for memory is written into a memory-mapped file (:mod:`fedbench.data.pool`).
     """
-    if n * 3 * size * size > _POOL_WARN_BYTES:
-        warnings.warn(f"the decoded pool ({n} images at {size}x{size}) needs "
-                      f"{n * 3 * size * size / 2**30:.1f} GiB of memory; use max_per_domain or a "
-                      f"smaller image_size to shrink it", stacklevel=3)
     import torchvision.transforms.v2.functional as TF  # noqa: N812 - imported here: ~5 s, only needed to decode
 
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    out = empty_pool((n, 3, size, size), desc.removeprefix("decoding ") or "image")
     progress = _progress(n, desc)
     it = iter(arrays)
     for start in range(0, n, _CHUNK):

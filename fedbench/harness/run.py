@@ -23,6 +23,7 @@ from fedbench.core.results import (
     write_record,
 )
 from fedbench.core.spec import RunSpec, options_from, parse_sets, split_sets
+from fedbench.data.pool import pool_ram_bytes
 from fedbench.errors import SpecError
 from fedbench.federation.checkpoint import Checkpoints, checkpoint_identity
 from fedbench.federation.cohort import batched_clients_requested
@@ -152,7 +153,8 @@ def execute(
     if checkpoint_every is not None and checkpoint_every < 0:
         raise SpecError(f"--checkpoint-every {checkpoint_every}: a number of rounds >= 1, or 0 for none")
     run_device = resolve_device(device)
-    batched_clients_requested()  # a bad FEDBENCH_BATCHED_CLIENTS is refused before any data is read
+    batched_clients_requested()  # a bad FEDBENCH_BATCHED_CLIENTS or FEDBENCH_POOL_RAM_GB is refused
+    pool_ram_bytes()  # before any data is read
     check_code_identity(spec)
     if results_dir is not None:
         check_writable(results_dir)
