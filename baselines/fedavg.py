@@ -110,24 +110,34 @@ class FedAvg(Method):
     def client_update_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
         # Opt-in (FEDBENCH_BATCHED_CLIENTS=1): all clients at once, equal to the loop up to float
         # reassociation; any option the batched engine does not reproduce keeps the loop.
-        mu = self.cohort_proximal_mu()
-        if (not batched_clients_requested() or mu is None or self.hp.trainable != "simple-cnn"
-                or self.ctx.train_augment or any(job.message is None for job in jobs)):
+        batched = None if any(job.message is None for job in jobs) else self.train_batched(
+            jobs, [job.message.payload for job in jobs])
+        if batched is None:
             return super().client_update_cohort(jobs)
+        return [ClientResult(upload=w, num_samples=len(job.data.train), train_loss=loss)
+                for job, w, loss in zip(jobs, *batched, strict=True)]
+
+    def train_batched(self, jobs: Sequence[ClientJob], starts: Sequence[Payload]) -> tuple[list, list] | None:
+        """Every job's weights and loss after ``train_from(starts[j], ...)``, by the batched engine;
+        None (run the loop) unless it is requested and reproduces this client update's options."""
+        mu = self.cohort_proximal_mu()
+        if (not batched_clients_requested() or mu is None or self.hp.trainable not in ("simple-cnn", "head")
+                or (self.ctx.train_augment and self.input_kind(self.hp) == "pixels")):
+            return None
         sgd = LocalSGD(self.hp.local_epochs, self.hp.batch_size, self.hp.lr, self.hp.momentum,
                        self.hp.weight_decay, mu)
-        trained, losses = train_cohort(self.model, self.inputs, [job.message.payload for job in jobs],
-                                       [(job.data.train.x, job.data.train.y) for job in jobs],
-                                       [job.context.rng for job in jobs], sgd)
-        return [ClientResult(upload=w, num_samples=len(job.data.train), train_loss=loss)
-                for job, w, loss in zip(jobs, trained, losses, strict=True)]
+        return train_cohort(self.model, self.inputs, starts, [(job.data.train.x, job.data.train.y) for job in jobs],
+                            [job.context.rng for job in jobs], sgd)
 
     def cohort_proximal_mu(self) -> float | None:
         """The proximal weight the batched engine adds to the client loss (0: none), or None when
         this class's client update is not plain FedAvg's and so must run in the loop."""
-        plain = (type(self).client_update is FedAvg.client_update and type(self).train_from is FedAvg.train_from
-                 and type(self).local_loss_term is FedAvg.local_loss_term)
-        return 0.0 if plain else None
+        return 0.0 if type(self).client_update is FedAvg.client_update and self.trains_plainly() else None
+
+    def trains_plainly(self) -> bool:
+        """Whether local training is this class's SGD epochs with no extra loss term (what the
+        batched engine reproduces); a subclass that changes either runs the loop."""
+        return type(self).train_from is FedAvg.train_from and type(self).local_loss_term is FedAvg.local_loss_term
 
     def local_loss_term(self, global_weights: Payload) -> ExtraLoss | None:
         """Extra client loss term (none for FedAvg; FedProx overrides)."""

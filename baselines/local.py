@@ -8,11 +8,14 @@ so curves line up with the federated rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
 from fedbench.core.registry import register_method
 from fedbench.data.dataset import ClientData
 from fedbench.federation.method import (
     ClientContext,
+    ClientJob,
     ClientResult,
     Message,
     Payload,
@@ -47,6 +50,18 @@ class Local(FedAvg):
         loss = self.train_from(client_state if client_state is not None else self.initial_weights, data, client.rng)
         return ClientResult(upload={}, num_samples=len(data.train), train_loss=loss,
                             client_state=state_of(self.model))
+
+    def client_update_cohort(self, jobs: Sequence[ClientJob]) -> list[ClientResult]:
+        # Opt-in batched engine (FEDBENCH_BATCHED_CLIENTS=1): each client from its own weights.
+        starts = [job.client_state if job.client_state is not None else self.initial_weights for job in jobs]
+        batched = self.train_batched(jobs, starts)
+        if batched is None:
+            return super().client_update_cohort(jobs)  # no message: FedAvg's hook runs the loop
+        return [ClientResult(upload={}, num_samples=len(job.data.train), train_loss=loss, client_state=w)
+                for job, w, loss in zip(jobs, *batched, strict=True)]
+
+    def cohort_proximal_mu(self) -> float | None:
+        return 0.0 if type(self).client_update is Local.client_update and self.trains_plainly() else None
 
     def aggregate(self, state: ServerState, uploads: list[Message], server: ServerContext) -> ServerState:
         return state

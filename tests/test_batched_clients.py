@@ -126,8 +126,10 @@ def test_the_plan_draws_the_loops_permutations_and_masks_only_padding():
     assert any(n % FEDAVG.batch_size for n in SIZES)  # the equivalence tests do pad short batches
 
 
-@pytest.mark.parametrize(("method_cls", "hp"), [(FedAvg, FEDAVG), (FedProx, FEDPROX)], ids=["fedavg", "fedprox"])
+@pytest.mark.parametrize(("method_cls", "hp"), [(FedAvg, FEDAVG), (FedProx, FEDPROX), (Local, FEDAVG)],
+                         ids=["fedavg", "fedprox", "local"])
 def test_a_batched_federation_scores_as_the_sequential_one(method_cls, hp, monkeypatch):
+    # two rounds: local's second round starts from each client's own weights of the first
     dataset = _dataset(SIZES)
     runs = []
     for flag in ("0", "1"):
@@ -167,7 +169,40 @@ def test_the_opt_in_is_strict_and_other_client_updates_keep_the_loop(monkeypatch
         batched_clients_requested()
     assert _built(FedAvg, FEDAVG).cohort_proximal_mu() == 0.0
     assert _built(FedProx, FEDPROX).cohort_proximal_mu() == FEDPROX.mu
-    assert _built(Local, FEDAVG).cohort_proximal_mu() is None  # its own client update: the loop
+    assert _built(Local, FEDAVG).cohort_proximal_mu() == 0.0  # FedAvg's training from its own weights
+
+    class Decayed(FedAvg):  # another local objective: the batched engine would not reproduce it
+        def local_loss_term(self, global_weights):
+            return lambda model: 0.0
+
+    class OwnUpdate(Local):
+        def client_update(self, *args):
+            return super().client_update(*args)
+
+    assert _built(Decayed, FEDAVG).cohort_proximal_mu() is None
+    assert _built(OwnUpdate, FEDAVG).cohort_proximal_mu() is None
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local"])
+def test_a_head_on_cached_features_is_batched_and_matches_the_loop(method, blobs_task, monkeypatch):
+    from fedbench.harness.run import execute, resolve_spec
+
+    spec = resolve_spec(method, blobs_task, backbone="tiny-clip", rounds=2, sets=["trainable=head", "lr=0.5"])
+    monkeypatch.delenv(BATCHED_CLIENTS_ENV, raising=False)
+    loop = execute(spec, None)
+    calls = []
+    real = cohort.train_cohort
+    monkeypatch.setattr("fedbench.baselines.fedavg.train_cohort", lambda *a: calls.append(len(a[2])) or real(*a))
+    monkeypatch.setenv(BATCHED_CLIENTS_ENV, "1")
+    batched = execute(spec, None)
+    assert calls == [4, 4]  # each round's whole cohort through the batched engine
+    for a, b in zip(loop["metrics"]["rounds"], batched["metrics"]["rounds"], strict=True):
+        for key in ("global_acc", "train_loss", "client_acc_mean"):
+            assert (b.get(key) is None) == (a.get(key) is None), key
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], abs=METRIC_TOL), key
+    assert loop["metrics"]["rounds"][0]["train_loss"] != loop["metrics"]["rounds"][1]["train_loss"]  # it trains
+    assert batched["comm"] == loop["comm"]
 
 
 def test_augmented_training_keeps_the_loop_bit_for_bit(monkeypatch):

@@ -77,10 +77,15 @@ def _train_chunk(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[str, 
     plan = minibatch_plan([len(y) for _, y in data], rngs, adam.epochs, adam.batch_size)
     pooled_x = torch.cat([x for x, _ in data])
     pooled_y = torch.cat([y for _, y in data])
-    params = stacked(starts, plan, list(starts[0]), pooled_x.device)
+    device = pooled_x.device
+    params = stacked(starts, plan, list(starts[0]), device)
     exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
     exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-    step_count = torch.zeros(k, dtype=torch.float64)
+    step_count = torch.zeros(k, dtype=torch.float64, device=device)
+    index_all, mask_all = plan.index.to(device), plan.mask.to(device)
+    # [T, K] on the CPU, for control flow without a device sync: the client-steps that train (a
+    # batch of at least min_batch real samples; a finished client's slots are all padding)
+    counted = plan.mask.sum(2) >= adam.min_batch
 
     def one_client(p: dict[str, Tensor], x: Tensor, y: Tensor, m: Tensor) -> Tensor:
         return loss(model, p, x, y, m)
@@ -88,22 +93,21 @@ def _train_chunk(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[str, 
     # vmap for the forward only; one backward of the summed losses gives every client its own
     # gradient (clients share no parameter), faster on CPU than vmap over grad.
     losses_of = vmap(one_client)
-    losses = torch.zeros(len(plan.active), k)  # [T, K], read once at the end
-    counted = torch.zeros(len(plan.active), k, dtype=torch.bool)  # steps a client trained
+    losses = torch.zeros(len(plan.active), k, device=device)  # [T, K], read once at the end
     for t, active in enumerate(plan.active):
-        index, mask = plan.index[t, :active], plan.mask[t, :active]
-        trains = mask.sum(1) >= adam.min_batch  # [active]
-        if not bool(trains.any()):
+        trains_here = counted[t, :active]
+        if not bool(trains_here.any()):
             continue
+        trains = trains_here.to(device)
+        index, mask = index_all[t, :active], mask_all[t, :active]
         x, y = pooled_x[index], pooled_y[index]
         leaves = {n: p[:active].detach().requires_grad_(True) for n, p in params.items()}
         step_losses = losses_of(leaves, x, y, mask)
         torch.where(trains, step_losses, 0.0).sum().backward()
         grads = {n: leaf.grad for n, leaf in leaves.items()}
         step_count[:active] += trains.double()
-        _adam_step(params, exp_avg, exp_avg_sq, grads, step_count[:active], trains, adam)
+        _adam_step(params, exp_avg, exp_avg_sq, grads, step_count[:active], trains_here, adam)
         losses[t, :active] = step_losses.detach()
-        counted[t, :active] = trains
     return unstacked(params, plan), last_epoch_means(losses, counted, plan, adam.epochs)
 
 
@@ -112,8 +116,9 @@ def _adam_step(params: dict[str, Tensor], exp_avg: dict[str, Tensor], exp_avg_sq
     """``torch.optim.Adam.step`` (single-tensor, no amsgrad) on the first ``len(trains)`` stacked
     clients, in place; clients with ``trains`` False keep their parameters and moments unchanged."""
     active = len(trains)
-    idle = (~trains).nonzero().squeeze(1)
+    idle = (~trains.cpu()).nonzero().squeeze(1)  # ``trains`` is on the CPU: no device sync
     everyone = len(idle) == 0
+    idle = idle.to(next(iter(params.values())).device)
     safe_steps = steps.clamp(min=1)  # a client that has not stepped yet is masked out below
     bias2_sqrt = (1 - adam.beta2 ** safe_steps).sqrt()
     step_size = adam.lr / (1 - adam.beta1 ** safe_steps)
