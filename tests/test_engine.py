@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -137,6 +138,7 @@ def test_weighted_average_is_the_float64_sum_of_the_stacked_states_bit_for_bit()
         expected = torch.tensordot(w, torch.stack([s[key].double() for s in states]), dims=1).to(value.dtype)
         assert out[key].dtype == value.dtype and out[key].shape == value.shape
         assert torch.equal(out[key], expected), key
+    assert weighted_average([{}, {}], torch.ones(2)) == {}  # a method may average an empty part
 
 
 def test_the_channel_carries_views_and_transposes_and_the_receiver_owns_its_copy():
@@ -147,6 +149,28 @@ def test_the_channel_carries_views_and_transposes_and_the_receiver_owns_its_copy
         assert torch.equal(got[key], value), key
     base.add_(100)  # the sender changes its tensors after sending: what was received does not move
     assert torch.equal(got["whole"], torch.arange(12.0).reshape(3, 4))
+
+
+@pytest.mark.parametrize("front_end", [False, True], ids=["serializer", "torch-front-end"])
+def test_the_wire_is_safetensors_own_bytes(front_end, monkeypatch):
+    from fedbench.federation import channel
+
+    if front_end:
+        monkeypatch.setattr(channel, "TensorSpec", None)
+    base = torch.arange(12.0).reshape(3, 4)
+    payload = {"w": torch.randn(5, 3), "half": torch.randn(4).half(), "bf16": torch.randn(2).bfloat16(),
+               "long": torch.tensor([1, -2]), "flag": torch.tensor([True, False]), "scalar": torch.tensor(0.5),
+               "empty": torch.zeros(0, 3), "t": base.T, "row": base[1]}
+    expected = st_save({k: v.contiguous().clone() for k, v in payload.items()},
+                       metadata={"client_id": "3", "round": "2", "num_samples": "9"})
+    wire = channel.encode(Message(payload, 3, 2, 9), "up")
+
+    def parts(data: bytes) -> tuple[dict, bytes]:
+        (n,) = struct.unpack("<Q", data[:8])
+        return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+    # the same header (safetensors orders the metadata keys as it likes) and the same bytes after it
+    assert len(wire) == len(expected) and parts(wire) == parts(expected)
 
 
 def test_channel_refuses_non_tensor_payloads():

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import serialize
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+try:  # newer safetensors export the serializer's tensor description
+    from safetensors import TensorSpec
+except ImportError:  # pragma: no cover - older safetensors: its torch front end
+    TensorSpec = None
 from torch import Tensor
 
 from fedbench.errors import FedbenchError
@@ -41,12 +48,18 @@ def encode(message: Message, direction: str) -> bytes:
             raise FedbenchError(f"message {key}={value!r}: must be a non-negative int (a method returns "
                                 f"ClientResult(num_samples=len(data.train)) for the samples it trained on)")
     metadata = {k: str(getattr(message, k)) for k in envelope}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in payload.items()}
-    # safetensors refuses entries that share storage (views of one tensor): copy those only, not
-    # every tensor of every message
-    owners = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
-    return st_save({k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t for k, t in tensors.items()},
-                   metadata=metadata)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in payload.items()}  # what a wire would carry
+    if TensorSpec is None or sys.byteorder != "little":
+        # safetensors' torch front end (byte-swaps on big-endian hosts); it refuses entries that share
+        # storage, so those are copied
+        owners = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+        return st_save({k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t for k, t in tensors.items()},
+                       metadata=metadata)
+    # The same bytes through safetensors' serializer directly, pointing it at each tensor's memory:
+    # the torch front end's per-call checks cost ~60 us a message, which 2,000 messages a round feel.
+    specs = {k: TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=tuple(t.shape), data_ptr=t.data_ptr(),
+                           data_len=t.numel() * t.element_size()) for k, t in tensors.items()}
+    return serialize(specs, metadata=metadata)  # ``tensors`` holds the memory alive until it returns
 
 
 def decode(wire: bytes, device: torch.device | None = None) -> Message:

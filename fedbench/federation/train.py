@@ -73,6 +73,8 @@ def weighted_average(states: list[dict[str, Tensor]], weights: Tensor) -> dict[s
     loop over clients per element)."""
     w = weights.double() / weights.double().sum()
     first = states[0]
+    if not first:
+        return {}
     # One float64 stack reused by every tensor, filled by stack's out= (which converts as it copies):
     # the same values in the same layout as stacking per-client .double() copies, so the same sums
     # bit for bit, without a fresh [K, ...] float64 temporary per client and per tensor.
