@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import Tensor
 
-import fedbench.models.cache as cache_mod
 from fedbench.errors import CacheError, DataError
 from fedbench.models.cache import CacheWarning, FeatureCache, default_cache_root
 
@@ -138,10 +137,10 @@ def test_crash_between_array_and_sidecar_never_reads_as_whole(cache, monkeypatch
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(cache_mod.os, "replace", replace_then_crash)
+    monkeypatch.setattr(os, "replace", replace_then_crash)
     with pytest.raises(KeyboardInterrupt):
         cache.features(bb, x, progress=False)
-    monkeypatch.setattr(cache_mod.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
 
     assert [e.kind for e in cache.ls()] == ["incomplete"]
     with pytest.warns(CacheWarning, match="interrupted write"):

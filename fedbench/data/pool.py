@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fedbench.core.formatting import format_bytes
+from fedbench.core.paths import default_cache_root
 from fedbench.errors import DataError, SpecError
 
 POOL_RAM_ENV = "FEDBENCH_POOL_RAM_GB"
@@ -55,8 +56,6 @@ def pool_dir() -> Path:
     env = os.environ.get(POOL_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    from fedbench.models.cache import default_cache_root  # imported here: models depend on data, not back
-
     return default_cache_root() / "pools"
 
 

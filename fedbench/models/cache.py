@@ -52,7 +52,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
-import os
 import re
 import sys
 import time
@@ -69,6 +68,7 @@ from tqdm.auto import tqdm
 
 from fedbench.core.formatting import format_bytes
 from fedbench.core.hashing import json_digest
+from fedbench.core.paths import default_cache_root
 from fedbench.data.dataset import pixels_fingerprint
 from fedbench.errors import CacheError, DataError
 from fedbench.models import cache_disk as disk
@@ -90,12 +90,6 @@ class EncodesImages(Protocol):
     def encode_image(self, images: Tensor) -> Tensor: ...
 
     def encode_text(self, texts: list[str]) -> Tensor: ...
-
-
-def default_cache_root() -> Path:
-    """``$FEDBENCH_CACHE`` if set, else ``~/.cache/fedbench``."""
-    env = os.environ.get("FEDBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedbench"
 
 
 @dataclass
