@@ -39,6 +39,31 @@ def test_same_spec_and_seed_give_byte_identical_metrics(blobs_task):
     assert json.dumps(c["metrics"], sort_keys=True) != json.dumps(a["metrics"], sort_keys=True)
 
 
+def test_long_lived_objects_are_frozen_during_the_rounds_and_released_after(blobs_task, monkeypatch):
+    import gc
+
+    seen = []
+    real = FedAvg.aggregate
+
+    def spy(self, state, uploads, server):
+        seen.append(gc.get_freeze_count())
+        return real(self, state, uploads, server)
+
+    monkeypatch.setattr(FedAvg, "aggregate", spy)
+    before = gc.get_freeze_count()
+    _run(blobs_task, rounds=2)
+    assert len(seen) == 2 and min(seen) > before  # the data, splits and models were frozen
+    assert gc.get_freeze_count() == before
+
+    def fails(self, state, uploads, server):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FedAvg, "aggregate", fails)
+    with pytest.raises(KeyboardInterrupt):
+        _run(blobs_task, rounds=1)
+    assert gc.get_freeze_count() == before  # an interrupted run hands them back too
+
+
 def test_bytes_are_the_serialised_payloads(blobs_task):
     record = _run(blobs_task, rounds=2)
     spec = resolve_spec("fedavg", blobs_task, sets=FAST)

@@ -9,11 +9,13 @@ private state (the cohort hook), sends the uploads back through the channel to t
 
 from __future__ import annotations
 
+import gc
 import math
 import pickle
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +112,20 @@ def divergence(record: dict[str, Any], raw_train_loss: float | None) -> str | No
     return None
 
 
+@contextmanager
+def frozen_long_lived_objects() -> Iterator[None]:
+    """The objects alive before the rounds (data, client splits, models, features) hidden from the
+    cyclic garbage collector while the rounds run. A round makes thousands of short-lived objects
+    (messages, jobs) at 1,000 clients, and each full collection then walked every long-lived one
+    too: measured, 0.35 s a round of FedCLIP's 1.2. Nothing is kept alive longer: reference
+    counting still frees them, and they are handed back to the collector afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_federation(
     method_cls: type[Method],
     hp: Any,
@@ -173,51 +189,52 @@ def run_federation(
         return output()
 
     channel = loop.channel
-    for r in range(loop.round + 1, rounds + 1):
-        t0 = time.perf_counter()
-        chosen = sample_clients(len(clients), sample, loop.sampler)
-        at_server = ServerContext(r, loop.server_rng, device)
-        state = server.begin_round(loop.state, chosen, at_server)
-        jobs = []
-        for cid in chosen:
-            payload = server.configure(state, cid, at_server)
-            message = channel.down(Message(payload, cid, r), device) if payload else None
-            rng, global_seed = generator(seed, "data", r, cid), derive_seed(seed, "client", r, cid)
-            context = ClientContext(cid, r, rng, device, global_seed)
-            jobs.append(ClientJob(message, clients[cid], loop.client_states.get(cid), context))
-        t_clients = time.perf_counter()
-        results = client.client_update_cohort(jobs)
-        t_server = time.perf_counter()
-        loop.client_seconds.append(t_server - t_clients)
-        uploads, losses, counts = [], [], []
-        for job, result in zip(jobs, results, strict=True):
-            cid = job.data.client_id
-            if result.client_state is not None:
-                loop.client_states[cid] = result.client_state
-            if result.upload:
-                uploads.append(channel.up(Message(result.upload, cid, r, result.num_samples), device))
-            if result.train_loss is not None:  # None: the method reports no training loss
-                losses.append(result.train_loss)
-                counts.append(result.num_samples)
-        if uploads:
-            state = server.aggregate(state, uploads, at_server)
-        loop.state, loop.round = state, r
-        loop.server_seconds.append(time.perf_counter() - t_server + (t_clients - t0))
-        comm = channel.end_round()
-        record: dict[str, Any] = {"round": r, "clients": chosen}
-        raw_loss = float(np.average(losses, weights=counts)) if counts and sum(counts) else None
-        reason = divergence({}, raw_loss)
-        if r % eval_every == 0 or r == rounds or reason:
-            record.update(evaluate(server.global_model(state), loop.client_states))
-        extra = server.server_metrics(state)
-        if extra:
-            record["server"] = extra
-        record["train_loss"] = rounded(raw_loss)
-        record.update(comm)
-        reason = reason or divergence(record, raw_loss)
-        if reason:
-            diverged = {"round": r, "reason": reason}
-        finish(record, t0)
-        if diverged:
-            break
+    with frozen_long_lived_objects():
+        for r in range(loop.round + 1, rounds + 1):
+            t0 = time.perf_counter()
+            chosen = sample_clients(len(clients), sample, loop.sampler)
+            at_server = ServerContext(r, loop.server_rng, device)
+            state = server.begin_round(loop.state, chosen, at_server)
+            jobs = []
+            for cid in chosen:
+                payload = server.configure(state, cid, at_server)
+                message = channel.down(Message(payload, cid, r), device) if payload else None
+                rng, global_seed = generator(seed, "data", r, cid), derive_seed(seed, "client", r, cid)
+                context = ClientContext(cid, r, rng, device, global_seed)
+                jobs.append(ClientJob(message, clients[cid], loop.client_states.get(cid), context))
+            t_clients = time.perf_counter()
+            results = client.client_update_cohort(jobs)
+            t_server = time.perf_counter()
+            loop.client_seconds.append(t_server - t_clients)
+            uploads, losses, counts = [], [], []
+            for job, result in zip(jobs, results, strict=True):
+                cid = job.data.client_id
+                if result.client_state is not None:
+                    loop.client_states[cid] = result.client_state
+                if result.upload:
+                    uploads.append(channel.up(Message(result.upload, cid, r, result.num_samples), device))
+                if result.train_loss is not None:  # None: the method reports no training loss
+                    losses.append(result.train_loss)
+                    counts.append(result.num_samples)
+            if uploads:
+                state = server.aggregate(state, uploads, at_server)
+            loop.state, loop.round = state, r
+            loop.server_seconds.append(time.perf_counter() - t_server + (t_clients - t0))
+            comm = channel.end_round()
+            record: dict[str, Any] = {"round": r, "clients": chosen}
+            raw_loss = float(np.average(losses, weights=counts)) if counts and sum(counts) else None
+            reason = divergence({}, raw_loss)
+            if r % eval_every == 0 or r == rounds or reason:
+                record.update(evaluate(server.global_model(state), loop.client_states))
+            extra = server.server_metrics(state)
+            if extra:
+                record["server"] = extra
+            record["train_loss"] = rounded(raw_loss)
+            record.update(comm)
+            reason = reason or divergence(record, raw_loss)
+            if reason:
+                diverged = {"round": r, "reason": reason}
+            finish(record, t0)
+            if diverged:
+                break
     return output()
