@@ -48,7 +48,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedbench.errors import SpecError
 
 BATCHED_CLIENTS_ENV = "FEDBENCH_BATCHED_CLIENTS"
-# A chunk of clients trained at once holds at most this many bytes per stacked tensor. On CPU a
+# A chunk of clients trained at once holds at most this many bytes of stacked parameters. On CPU a
 # stack past a few MB makes every step's fresh gradient new memory the kernel must page in
 # (measured: 1,000 FedCLIP adapters at once 1.24 s a round, in chunks of 100 0.72 s); an
 # accelerator wants as many clients per kernel as fit.
@@ -125,19 +125,22 @@ def clients_per_chunk(params: Sequence[Tensor], device: torch.device) -> int:
 
 
 Trained = tuple[list[dict[str, Tensor]], list]
+ChunkTrainer = Callable[[list[dict[str, Tensor]], list[tuple[Tensor, Tensor]], list[torch.Generator]], Trained]
 
 
-def in_chunks(train: Callable[[list[int]], Trained], sizes: Sequence[int], chunk: int) -> Trained:
-    """``train(jobs)`` on chunks of at most ``chunk`` job indices, largest clients first (so a chunk's
+def in_chunks(train: ChunkTrainer, starts: Sequence[dict[str, Tensor]], data: Sequence[tuple[Tensor, Tensor]],
+              rngs: Sequence[torch.Generator], chunk: int) -> Trained:
+    """``train(starts, data, rngs)`` on chunks of at most ``chunk`` clients, largest first (so a chunk's
     clients run about as many steps as each other), results put back in job order. Clients share
     nothing while they train, so the chunking changes no number; it bounds the memory one step
     touches by the chunk, not by the number of clients."""
-    order = sorted(range(len(sizes)), key=lambda j: -sizes[j])
-    params: list[dict[str, Tensor]] = [{} for _ in sizes]
-    losses: list = [None for _ in sizes]
+    order = sorted(range(len(data)), key=lambda j: -len(data[j][1]))
+    params: list[dict[str, Tensor]] = [{} for _ in data]
+    losses: list = [None for _ in data]
     for start in range(0, len(order), chunk):
         jobs = order[start : start + chunk]
-        for j, p, loss in zip(jobs, *train(jobs), strict=True):
+        trained = train([starts[j] for j in jobs], [data[j] for j in jobs], [rngs[j] for j in jobs])
+        for j, p, loss in zip(jobs, *trained, strict=True):
             params[j], losses[j] = p, loss
     return params, losses
 
@@ -213,11 +216,9 @@ def train_cohort(model: nn.Module, inputs: nn.Module, starts: Sequence[dict[str,
         raise SpecError(f"{type(model).__name__} has buffers (batch norm?): the batched client engine "
                         f"trains parameters only; unset FEDBENCH_BATCHED_CLIENTS for this model.")
     device = next(model.parameters()).device
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
-    chunk = clients_per_chunk([p for k, p in model.named_parameters() if k in names], device)
-    return in_chunks(lambda jobs: _train_chunk(model, inputs, [starts[j] for j in jobs], [splits[j] for j in jobs],
-                                               [rngs[j] for j in jobs], sgd, names, device),
-                     [len(y) for _, y in splits], chunk)
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    return in_chunks(lambda s, d, r: _train_chunk(model, inputs, s, d, r, sgd, list(trainable), device),
+                     starts, splits, rngs, clients_per_chunk(list(trainable.values()), device))
 
 
 def _train_chunk(model: nn.Module, inputs: nn.Module, starts: Sequence[dict[str, Tensor]],

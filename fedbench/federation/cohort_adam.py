@@ -64,10 +64,8 @@ def train_with_adam(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[st
     each client's trained parameters and last-epoch mean loss, in job order."""
     if not starts:
         return [], []
-    chunk = clients_per_chunk(list(starts[0].values()), data[0][0].device)
-    return in_chunks(lambda jobs: _train_chunk(model, loss, [starts[j] for j in jobs], [data[j] for j in jobs],
-                                               [rngs[j] for j in jobs], adam),
-                     [len(y) for _, y in data], chunk)
+    return in_chunks(lambda s, d, r: _train_chunk(model, loss, s, d, r, adam), starts, data, rngs,
+                     clients_per_chunk(list(starts[0].values()), data[0][0].device))
 
 
 def _train_chunk(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[str, Tensor]],
@@ -114,9 +112,10 @@ def _train_chunk(model: nn.Module, loss: ClientLoss, starts: Sequence[dict[str, 
 def _adam_step(params: dict[str, Tensor], exp_avg: dict[str, Tensor], exp_avg_sq: dict[str, Tensor],
                grads: dict[str, Tensor], steps: Tensor, trains: Tensor, adam: LocalAdam) -> None:
     """``torch.optim.Adam.step`` (single-tensor, no amsgrad) on the first ``len(trains)`` stacked
-    clients, in place; clients with ``trains`` False keep their parameters and moments unchanged."""
+    clients, in place; clients with ``trains`` (a CPU bool tensor) False keep their parameters and
+    moments unchanged."""
     active = len(trains)
-    idle = (~trains.cpu()).nonzero().squeeze(1)  # ``trains`` is on the CPU: no device sync
+    idle = (~trains).nonzero().squeeze(1)  # ``trains`` is on the CPU: no device sync
     everyone = len(idle) == 0
     idle = idle.to(next(iter(params.values())).device)
     safe_steps = steps.clamp(min=1)  # a client that has not stepped yet is masked out below
