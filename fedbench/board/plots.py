@@ -82,6 +82,11 @@ def _y_axis(fr: _Frame, lo: float, hi: float, title: str) -> list[str]:
     return parts
 
 
+def _x_title(fr: _Frame, title: str) -> str:
+    return (f'<text class="label" x="{_f((fr.x0 + fr.x1) / 2)}" y="{_f(fr.height - 8)}" '
+            f'text-anchor="middle">{_E(title)}</text>')
+
+
 def _legend(fr: _Frame, items: list[tuple[str, str, str]]) -> list[str]:
     """``items``: (colour, text, style) with style "point", "line", "dash" or "dot"."""
     parts = []
@@ -160,8 +165,7 @@ def svg_accuracy_vs_bytes(group: RankGroup, colors: Mapping[int, str], title: st
         body.append(f'<line class="grid" x1="{_f(x)}" y1="{_f(fr.y0)}" x2="{_f(x)}" y2="{_f(fr.y1)}"/>')
         body.append(f'<text class="tick" x="{_f(x)}" y="{_f(fr.y0 + 16)}" text-anchor="middle">'
                     f'{10 ** (d % 3)} {("B", "KB", "MB", "GB", "TB", "PB")[min(d // 3, 5)]}</text>')
-    body.append(f'<text class="label" x="{_f((fr.x0 + fr.x1) / 2)}" y="{_f(fr.height - 8)}" '
-                f'text-anchor="middle">total bytes up + down (log scale)</text>')
+    body.append(_x_title(fr, "total bytes up + down (log scale)"))
     if chance is not None:
         body.append(_chance_line(fr, y_of(100 * chance), chance))
 
@@ -216,8 +220,7 @@ def svg_convergence(group: RankGroup, colors: Mapping[int, str], title: str, cha
     for rnd in range(r_min, r_max + 1, step):
         body.append(f'<text class="tick" x="{_f(x_of(rnd))}" y="{_f(fr.y0 + 16)}" text-anchor="middle">{rnd}'
                     f'</text>')
-    body.append(f'<text class="label" x="{_f((fr.x0 + fr.x1) / 2)}" y="{_f(fr.height - 8)}" '
-                f'text-anchor="middle">round</text>')
+    body.append(_x_title(fr, "round"))
     if chance is not None:
         body.append(_chance_line(fr, y_of(100 * chance), chance))
     items = []
