@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.func import stack_module_state
 
 from fedbench.baselines.fedavg import FedAvg, FedAvgHparams
 from fedbench.baselines.fedprox import FedProx, FedProxHparams
@@ -25,6 +27,7 @@ from fedbench.federation.engine import run_federation
 from fedbench.federation.method import ClientContext, ClientJob, Message, RunContext, seeded_global_rng
 from fedbench.federation.rng import derive_seed, generator
 from fedbench.federation.train import state_of
+from fedbench.models.task_models import SimpleCNN
 
 SEED, SIDE, CLASSES = 0, 16, 4
 CPU = torch.device("cpu")
@@ -86,8 +89,13 @@ def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 @pytest.mark.parametrize(("method_cls", "hp"), [(FedAvg, FEDAVG), (FedProx, FEDPROX), (FedAvg, PLAIN_SGD)],
                          ids=["fedavg", "fedprox", "no-momentum-no-decay"])
 @pytest.mark.parametrize("chunk_bytes", [2**30, 1], ids=["one-chunk", "one-client-per-chunk"])
-def test_batched_client_updates_equal_the_sequential_ones(method_cls, hp, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("forward", ["stacked", "vmap"])
+def test_batched_client_updates_equal_the_sequential_ones(method_cls, hp, chunk_bytes, forward, monkeypatch):
+    """Both ways the engine runs a cohort's forward: SimpleCNN's own stacked_forward, and the
+    generic vmap of functional_call that every other model takes."""
     monkeypatch.setitem(cohort.CHUNK_BYTES, "cpu", chunk_bytes)
+    if forward == "vmap":
+        monkeypatch.setattr(cohort, "_stacked_forward_of", lambda model: None)
     sequential = _cohort(method_cls, hp, False, monkeypatch)
     batched = _cohort(method_cls, hp, True, monkeypatch)
     start = state_of(_built(method_cls, hp).model)
@@ -98,6 +106,43 @@ def test_batched_client_updates_equal_the_sequential_ones(method_cls, hp, chunk_
         assert b.train_loss == pytest.approx(s.train_loss, abs=LOSS_TOL)
     # Each client's update is its own: matching a neighbour would not pass.
     assert _max_diff(batched[0].upload, sequential[1].upload) > 100 * PARAM_TOL
+
+
+@pytest.mark.parametrize(("in_channels", "side", "classes"), [(1, 28, 10), (3, 32, 7), (1, SIDE, CLASSES)])
+def test_simple_cnn_stacked_forward_is_k_forwards_with_their_gradients(in_channels, side, classes):
+    g = torch.Generator().manual_seed(3)
+    models = [SimpleCNN(in_channels, side, classes) for _ in range(3)]
+    for m in models:  # distinct, non-trivial weights per client (so a mixed-up client would show)
+        for p in m.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    params, _ = stack_module_state(models)
+    x = torch.randn(3, 5, in_channels, side, side, generator=g)
+    y = torch.randint(0, classes, (3, 5), generator=g)
+    logits = SimpleCNN.stacked_forward(params, x)
+    ref = torch.stack([m(x[j]) for j, m in enumerate(models)])
+    assert logits.shape == (3, 5, classes)
+    assert (logits - ref).abs().max() < 1e-5 * ref.abs().max()
+    loss = sum(F.cross_entropy(logits[j], y[j]) for j in range(3))
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for j, m in enumerate(models):
+        F.cross_entropy(m(x[j]), y[j]).backward()
+        for (name, p), stacked_grad in zip(m.named_parameters(), grads, strict=True):
+            assert (stacked_grad[j] - p.grad).abs().max() < 1e-5 * (p.grad.abs().max() + 1e-6), name
+
+
+def test_the_engine_uses_a_models_stacked_forward_only_with_its_own_forward(monkeypatch):
+    class Wider(SimpleCNN):  # another network behind the inherited stacked_forward: not used
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert cohort._stacked_forward_of(SimpleCNN(1, SIDE, CLASSES)) is not None
+    assert cohort._stacked_forward_of(Wider(1, SIDE, CLASSES)) is None
+    assert cohort._stacked_forward_of(torch.nn.Linear(3, 2)) is None
+    calls = []
+    real = SimpleCNN.stacked_forward
+    monkeypatch.setattr(SimpleCNN, "stacked_forward", staticmethod(lambda p, x: calls.append(len(x)) or real(p, x)))
+    _cohort(FedAvg, FEDAVG, True, monkeypatch)
+    assert calls and max(calls) == len(SIZES)  # the whole cohort at once through SimpleCNN's own forward
 
 
 @pytest.mark.parametrize("term", ["momentum", "weight_decay", "mu"])

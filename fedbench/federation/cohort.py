@@ -3,8 +3,11 @@
 The sequential path (:func:`fedbench.federation.train.run_local_epochs`) trains client after
 client through one model object, one small step at a time. Here the K clients' parameters are
 stacked along a leading axis (as ``torch.func.stack_module_state`` does) and one step of all of
-them is one ``vmap`` of ``grad(functional_call(model, ...))``, followed by a functional SGD step
-on the stacked tensors.
+them is one gradient of every client's loss, followed by a functional SGD step on the stacked
+tensors. The gradient comes from the model's own ``stacked_forward`` where it has one (SimpleCNN:
+the K copies as channels-last grouped convolutions and batched matrix products, one backward of
+the summed losses), else from a ``vmap`` of ``grad(functional_call(model, ...))``, which works for
+any model without buffers.
 
 Equivalence with the sequential path, step by step:
 
@@ -20,14 +23,16 @@ Equivalence with the sequential path, step by step:
   buf = momentum * buf + g (buf = g on the first step); w -= lr * buf;
 - FedProx: the proximal term (mu / 2) ||w - w_global||^2 is part of each client's loss.
 
-Results equal the sequential ones up to float reassociation (vmap's batched convolutions sum in
-another order), not bit for bit; tests/test_batched_clients.py states and holds the tolerance.
+Results equal the sequential ones up to float reassociation (batched convolutions sum in another
+order), not bit for bit; tests/test_batched_clients.py states and holds the tolerance, on both
+forwards.
 
-Speed: on a few CPU cores this is no faster than the loop for simple-cnn. There the loop's time is
-already in the convolution and max-pool kernels, and vmap's grouped convolutions are slower per
-sample than the loop's plain ones; batching only saves the per-step overhead. The gain is on an
-accelerator, where one kernel per layer for the whole cohort replaces K small launches.
-benchmarks/bench_fedavg_round.py measures both paths side by side.
+Speed (benchmarks/bench_fedavg_round.py measures it side by side): on a few CPU cores a round of
+simple-cnn on mnist-dirichlet is about 2x faster than the loop through SimpleCNN's stacked
+forward; through vmap it is no faster than the loop, because vmap's grouped convolutions run in
+NCHW, where mkldnn is no faster per sample than the loop's small ones. The rest of a step is still
+the convolution and max-pool kernels; on an accelerator one kernel per layer for the whole cohort
+replaces K small launches.
 
 Opt-in: the environment variable ``FEDBENCH_BATCHED_CLIENTS=1``. It is not a spec field, so specs,
 their hashes and committed records are untouched; a method still decides per round whether its
@@ -188,6 +193,37 @@ def _client_loss(model: nn.Module, mu: float):
     return loss
 
 
+def _stacked_client_losses(model: nn.Module, mu: float):
+    """The same per-client losses and gradients as ``vmap(grad(_client_loss))``, from a model's own
+    ``stacked_forward`` (K copies of its forward at once): clients share no parameter, so one
+    backward of the summed losses gives each client the gradient of its own loss."""
+    forward = _stacked_forward_of(model)
+
+    def step(params: dict[str, Tensor], anchors: dict[str, Tensor], x: Tensor, y: Tensor,
+             mask: Tensor) -> tuple[dict[str, Tensor], tuple[None, Tensor]]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        logits = forward(leaves, x)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(mask)
+        ce = (ce * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        total = ce.sum()
+        if mu:
+            total = total + (mu / 2) * sum(((leaves[k] - anchors[k]) ** 2).sum() for k in leaves)
+        grads = torch.autograd.grad(total, list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True)), (None, ce.detach())
+
+    return step
+
+
+def _stacked_forward_of(model: nn.Module) -> Callable[[dict[str, Tensor], Tensor], Tensor] | None:
+    """``model.stacked_forward`` when the class that defines it also defines the ``forward`` in use
+    (a subclass that changes ``forward`` but inherits ``stacked_forward`` would train another
+    network than it evaluates), else None: the generic vmap path."""
+    for cls in type(model).__mro__:
+        if "stacked_forward" in vars(cls):
+            return model.stacked_forward if type(model).forward is vars(cls).get("forward") else None
+    return None
+
+
 @torch.no_grad()
 def _sgd_step(params: dict[str, Tensor], bufs: dict[str, Tensor], grads: dict[str, Tensor], a: int,
               sgd: LocalSGD) -> None:
@@ -230,7 +266,10 @@ def _train_chunk(model: nn.Module, inputs: nn.Module, starts: Sequence[dict[str,
     params = stacked(starts, plan, names, device)
     anchors = {k: v.clone() for k, v in params.items()}  # each client's start: FedProx's w_global
     bufs = {k: torch.zeros_like(v) for k, v in params.items()}
-    step = vmap(grad_and_value(_client_loss(model, sgd.mu), has_aux=True), randomness="error")
+    if _stacked_forward_of(model) is not None:
+        step = _stacked_client_losses(model, sgd.mu)
+    else:
+        step = vmap(grad_and_value(_client_loss(model, sgd.mu), has_aux=True), randomness="error")
     index, mask = plan.index.to(device), plan.mask.to(device)
     losses = torch.zeros(len(plan.active), len(starts), device=device)  # read once at the end: no sync per step
     for t, a in enumerate(plan.active):

@@ -31,6 +31,30 @@ class SimpleCNN(nn.Module):
         x = F.relu(self.fc2(x))
         return self.fc3(x)
 
+    @staticmethod
+    def stacked_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """K copies of the network at once: ``params`` holds each parameter stacked [K, ...] (as
+        torch.func.stack_module_state does), ``x`` is [K, B, C, H, W]; returns [K, B, classes].
+
+        For the batched client engine. vmap would run the K convolutions as one grouped
+        convolution in NCHW, which mkldnn runs no faster per sample than K small ones; here the
+        groups run channels-last (measured about 2x faster per sample on CPU), and max-pool comes
+        before ReLU (they commute: relu(max(x)) = max(relu(x)), gradients included) so ReLU
+        touches a quarter of the values. Equal to K calls of ``forward`` up to float
+        reassociation of the convolutions' sums."""
+        k, b, c, height, width = x.shape
+        h = x.transpose(0, 1).reshape(b, k * c, height, width).contiguous(memory_format=torch.channels_last)
+        for name in ("conv1", "conv2"):  # client j owns channels j*C .. (j+1)*C - 1 of every layer
+            weight = params[f"{name}.weight"]
+            h = F.conv2d(h, weight.flatten(0, 1), params[f"{name}.bias"].flatten(), groups=k)
+            h = F.relu(F.max_pool2d(h, 2))
+        h = h.reshape(b, k, -1).transpose(0, 1)  # [K, B, 16*s*s] in each client's own (C, H, W) order
+        for name in ("fc1", "fc2", "fc3"):
+            h = torch.baddbmm(params[f"{name}.bias"].unsqueeze(1), h, params[f"{name}.weight"].transpose(1, 2))
+            if name != "fc3":
+                h = F.relu(h)
+        return h
+
 
 class PixelInput(nn.Module):
     """uint8 pixels -> float, as torchvision's ToTensor (+ Normalize when the task gives mean/std)."""
