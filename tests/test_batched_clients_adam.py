@@ -78,12 +78,12 @@ def test_the_functional_adam_step_is_torchs():
     m, v = {"w": torch.zeros_like(weights)}, {"w": torch.zeros_like(weights)}
     theirs = [torch.nn.Parameter(weights[i].clone()) for i in range(3)]
     optimizers = [torch.optim.Adam([p], lr=0.05, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2) for p in theirs]
-    steps = torch.zeros(3, dtype=torch.float64)
+    steps = torch.zeros(3, dtype=torch.long)
     for t in range(4):
         grads = torch.randn(3, 5, 4)
         trains = torch.tensor([True, t != 1, True])  # client 1 skips step 1: no update, no step count
-        steps += trains.double()
-        _adam_step(ours, m, v, {"w": grads.clone()}, steps, trains, adam)
+        steps += trains.long()  # after step 1, client 1 is a step behind: rows 0 and 2 each a run
+        _adam_step(ours, m, v, {"w": grads.clone()}, trains, steps, adam)
         for i, (p, opt) in enumerate(zip(theirs, optimizers, strict=True)):
             if trains[i]:
                 p.grad = grads[i].clone()
