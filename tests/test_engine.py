@@ -166,6 +166,31 @@ def test_weighted_average_is_the_float64_sum_of_the_stacked_states_bit_for_bit()
     assert weighted_average([{}, {}], torch.ones(2)) == {}  # a method may average an empty part
 
 
+def test_weighted_average_reuses_its_buffer_without_sharing_results_across_calls_or_threads():
+    import threading
+
+    from fedbench.federation import train
+
+    gen = torch.Generator().manual_seed(1)
+    big = [{"w": torch.randn(40, generator=gen)} for _ in range(50)]
+    small = [{"w": torch.randn(3, generator=gen), "v": torch.randn(2, generator=gen)} for _ in range(4)]
+    first = weighted_average(big, torch.ones(50))
+    kept = first["w"].clone()
+    buffer = train._average_workspace(1, torch.device("cpu"))
+    second = weighted_average(small, torch.arange(1.0, 5.0))
+    assert train._average_workspace(1, torch.device("cpu")).data_ptr() == buffer.data_ptr()  # reused
+    assert torch.equal(first["w"], kept)  # an earlier result is not a view of the reused buffer
+    for key in ("w", "v"):
+        w = torch.arange(1.0, 5.0).double() / 10
+        expected = torch.tensordot(w, torch.stack([s[key].double() for s in small]), dims=1).float()
+        assert torch.equal(second[key], expected), key
+    other = []
+    thread = threading.Thread(target=lambda: other.append(train._average_workspace(8, torch.device("cpu"))))
+    thread.start()
+    thread.join()
+    assert other[0].data_ptr() != buffer.data_ptr()  # each thread its own
+
+
 def test_the_channel_carries_views_and_transposes_and_the_receiver_owns_its_copy():
     base = torch.arange(12.0).reshape(3, 4)
     sent = {"row0": base[0], "row1": base[1], "t": base.T, "whole": base}  # views that share one storage
