@@ -1,6 +1,6 @@
 """FedCLIP rounds per second and peak memory at 10, 100 and 1,000 clients, on cached features.
 
-    python benchmarks/fedclip_clients.py [--clients 10 100 1000] [--rounds 3] [--threads 1]
+    python benchmarks/fedclip_clients.py [--clients 10 100 1000] [--rounds 3] [--threads 1] [--engine both]
 
 Each client count runs in its own process (so each peak resident set is its own): a real
 ``execute`` of FedCLIP on mnist-dirichlet (all 60k MNIST training images, Dirichlet 0.5, the
@@ -9,6 +9,10 @@ work of a round is the same at every client count (one epoch over all training d
 among more clients), so the ratio of seconds per round against 10 clients is the per-client
 overhead: the engine's per-client Python loop, message serialisation and optimiser set-up.
 Rounds after the first are timed (median); evaluation is off except at the last round.
+
+``--engine both`` (the default) runs every client count twice, the client loop and the batched
+engine (``FEDBENCH_BATCHED_CLIENTS=1``), one after the other, and gives the loop/batched ratio of
+that run; ``loop`` or ``batched`` runs one.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: a temporary folder)")
+    parser.add_argument("--engine", choices=["both", "loop", "batched"], default="both")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     if args.one is not None:
@@ -58,22 +63,29 @@ def main() -> None:
         return
     from tabulate import tabulate
 
+    engines = ["loop", "batched"] if args.engine == "both" else [args.engine]
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or tmp
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         rows = []
         for n in args.clients:
-            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds),
-                                  "--threads", str(args.threads), "--cache-dir", cache],
-                                 capture_output=True, text=True, env=env, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for engine in engines:
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+                       "FEDBENCH_BATCHED_CLIENTS": "1" if engine == "batched" else "0"}
+                out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rounds", str(args.rounds),
+                                      "--threads", str(args.threads), "--cache-dir", cache],
+                                     capture_output=True, text=True, env=env, check=True)
+                rows.append({"engine": engine, **json.loads(out.stdout.strip().splitlines()[-1])})
+    loop_s = {r["clients"]: r["round_s"] for r in rows if r["engine"] == "loop"}
     base = rows[0]["round_s"]
-    print(tabulate([[r["clients"], f"{1 / r['round_s']:.2f}", f"{r['round_s']:.3f}", f"{r['round_s'] / base:.2f}x",
-                     f"{r['client_s']:.3f}", f"{r['server_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
-                     f"{r['global_acc']:.4f}"] for r in rows],
-                   headers=["clients", "rounds/s", "s/round", f"vs {rows[0]['clients']}", "client s", "server s",
-                            "peak RSS MB", "global acc"]))
-
+    table = []
+    for r in rows:
+        speedup = f"{loop_s[r['clients']] / r['round_s']:.2f}x" if r["clients"] in loop_s else "-"
+        table.append([r["clients"], r["engine"], f"{1 / r['round_s']:.2f}", f"{r['round_s']:.3f}",
+                      f"{r['round_s'] / base:.2f}x", speedup, f"{r['client_s']:.3f}", f"{r['server_s']:.3f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['global_acc']:.4f}"])
+    print(tabulate(table, headers=["clients", "engine", "rounds/s", "s/round",
+                                   f"vs {rows[0]['clients']} {rows[0]['engine']}", "loop/this", "client s",
+                                   "server s", "peak RSS MB", "global acc"]))
 
 if __name__ == "__main__":
     main()
